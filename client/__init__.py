@@ -1,0 +1,1 @@
+"""The client agent side: Flower ClientApp and local training."""

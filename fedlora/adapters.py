@@ -1,0 +1,201 @@
+"""LoRA adapters built from plain nn.Linear pieces, injected into any torch model.
+
+Every trainable piece is an ``nn.Linear`` so Opacus computes per-sample gradients
+with its stock samplers. Adapter state is a flat dict keyed by PEFT-style names
+(``<module path>.lora_A.weight``, ``.lora_B.weight``, ``.lora_R.weight`` for Fed-SB,
+plus the task head's own parameter names); the same names go over the wire, into
+checkpoints and into the exported PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ROLE_A = "lora_A"
+ROLE_B = "lora_B"
+ROLE_R = "lora_R"
+ROLE_HEAD = "head"
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Shape of the adapters: rank, scaling numerator and which modules get one."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    with_r: bool = False  # Fed-SB: a trainable r x r matrix between A and B
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + s * B(R(A(x)))`` with the base layer frozen; R only for Fed-SB."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, scaling: float, with_r: bool = False):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base_layer = base_layer
+        self.scaling = scaling
+        dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, dtype=dtype, device=device)
+        self.lora_R = (
+            nn.Linear(rank, rank, bias=False, dtype=dtype, device=device) if with_r else None
+        )
+        self.reset_adapter()
+        for p in self.base_layer.parameters():
+            p.requires_grad = False
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.out_features
+
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's default init: A Kaiming-uniform, B zero, so the adapter starts as a no-op."""
+        bound = 1.0 / math.sqrt(self.lora_A.in_features)  # kaiming_uniform_(a=sqrt(5))
+        with torch.no_grad():
+            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
+            self.lora_B.weight.zero_()
+            if self.lora_R is not None:
+                self.lora_R.weight.copy_(torch.eye(self.rank))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update this adapter adds to the base weight: s * B @ R @ A."""
+        a = self.lora_A.weight
+        if self.lora_R is not None:
+            a = self.lora_R.weight @ a
+        return self.scaling * (self.lora_B.weight @ a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lora_A(x)
+        if self.lora_R is not None:
+            h = self.lora_R(h)
+        return self.base_layer(x) + self.scaling * self.lora_B(h)
+
+
+def _matches(module_name: str, targets: Iterable[str]) -> bool:
+    leaf = module_name.rsplit(".", 1)[-1]
+    return leaf in targets
+
+
+def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
+    """Replace every ``nn.Linear`` whose leaf name is in ``spec.target_modules``.
+
+    Returns the module paths that received an adapter; raises ValueError when none did,
+    since a typo in target module names would otherwise train nothing but the head.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, spec.target_modules)
+    ]
+    if not targets:
+        raise ValueError(
+            f"no nn.Linear module named any of {list(spec.target_modules)} in the model"
+        )
+    for name, module in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, LoRALinear(module, spec.rank, spec.scaling, spec.with_r))
+    return [name for name, _ in targets]
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# Task-head modules trained and shared beside the adapters. BERT's pooler belongs here:
+# sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it, and a frozen
+# pooler caps accuracy well below what the same adapters reach with it trained.
+HEAD_MODULES = ("classifier", "score", "pooler")
+
+
+def head_module(name: str) -> str | None:
+    """The head module a parameter name belongs to (``bert.pooler.dense.weight`` -> ``pooler``)."""
+    for part in name.split(".")[:-1]:
+        if part in HEAD_MODULES:
+            return part
+    return None
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters of the task head that is trained and shared."""
+    return [name for name, _ in model.named_parameters() if head_module(name) is not None]
+
+
+def role_of(name: str) -> str:
+    for role in (ROLE_A, ROLE_B, ROLE_R):
+        if name.endswith(f".{role}.weight"):
+            return role
+    return ROLE_HEAD
+
+
+def module_of(name: str) -> str:
+    """``a.b.query.lora_A.weight`` -> ``a.b.query``."""
+    return name.rsplit(".", 2)[0]
+
+
+def adapter_state(model: nn.Module, roles: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter and head tensors (detached CPU fp32 copies), optionally only some roles."""
+    wanted = set(roles) if roles is not None else {ROLE_A, ROLE_B, ROLE_R, ROLE_HEAD}
+    head = set(head_parameter_names(model))
+    state = {}
+    for name, p in model.named_parameters():
+        role = role_of(name)
+        is_adapter = role != ROLE_HEAD or name in head
+        if is_adapter and role in wanted:
+            state[name] = p.detach().to("cpu", torch.float32).clone()
+    return state
+
+
+def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy tensors into the model's adapter/head parameters; names and shapes must match."""
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        if name not in params:
+            raise KeyError(f"model has no adapter parameter {name!r}")
+        target = params[name]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor.to(target.device, target.dtype))
+
+
+def set_trainable(model: nn.Module, roles: Iterable[str]) -> None:
+    """Freeze everything, then unfreeze the adapter/head parameters of the given roles."""
+    roles = set(roles)
+    head = set(head_parameter_names(model))
+    for name, p in model.named_parameters():
+        if ".base_layer." in name:
+            p.requires_grad = False
+        elif name in head:
+            p.requires_grad = ROLE_HEAD in roles
+        else:
+            p.requires_grad = role_of(name) in roles and role_of(name) != ROLE_HEAD
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back."""
+    for name, module in list(lora_modules(model).items()):
+        base = module.base_layer
+        base.weight += module.delta_weight().to(base.weight.dtype)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, base)
+
+
+@torch.no_grad()
+def merge_into_base(model: nn.Module) -> None:
+    """Add each adapter's current product into its base weight, keeping the adapters."""
+    for module in lora_modules(model).values():
+        module.base_layer.weight += module.delta_weight().to(module.base_layer.weight.dtype)

@@ -1,0 +1,87 @@
+"""The ``fedlora`` command line: argument parsing and one-line errors at the edge."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from fedlora.config import RunConfig, load_toml
+from fedlora.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise UserError(message)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument
+    add("--config", help="TOML file with run settings (flags override it)")
+    add("--strategy", help="aggregation strategy: fedavg")
+    add("--clients", type=int, help="number of clients (default 4)")
+    add("--rounds", type=int, help="federated rounds (default 5)")
+    add("--fraction", type=float, help="share of clients sampled per round (default 1.0)")
+    add("--rank", type=int, help="LoRA rank (default 8)")
+    add("--lora-alpha", type=float, help="LoRA scaling numerator (default 16)")
+    add("--target-modules", help="comma-separated module names to adapt (default query,value)")
+    add("--seed", type=int, help="random seed (default 0)")
+    add("--out", help="output folder (default runs/<timestamp>-<strategy>/)")
+    add("--model", help="local Hugging Face model folder (default: embedded all-MiniLM-L6-v2)")
+    add("--data", help="JSONL, CSV, TSV, Parquet file or datasets folder (default: embedded BBC News)")
+    add("--text-column", help="text column in --data (default text)")
+    add("--label-column", help="label column in --data (default label)")
+    add("--eval-data", help="held-out file for central evaluation (default: a split of --data)")
+    add("--test-fraction", type=float, help="share held out for evaluation (default 0.2)")
+    add("--partition", help="iid or dirichlet (default dirichlet)")
+    add("--alpha", type=float, help="Dirichlet concentration (default 1.0)")
+    add("--local-steps", type=int, help="optimizer steps per client per round (default 8)")
+    add("--batch-size", type=int, help="local batch size (default 16)")
+    add("--lr", type=float, help="local learning rate (default 3e-3)")
+    add("--max-length", type=int, help="tokens per example (default 64)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sim = sub.add_parser("simulate", help="run a federated simulation on this machine")
+    _add_run_options(sim)
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig()
+    if args.config:
+        cfg.update(load_toml(args.config))
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command") and v is not None}
+    cfg.update(flags)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "simulate":
+            from fedlora.simulation import simulate
+
+            out = simulate(run_config_from_args(args))
+            print(f"done: outputs in {out}")
+        return 0
+    except UserError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("FEDLORA_DEBUG"):
+            raise
+        line = str(exc).strip().splitlines()
+        print(f"fedlora: error: {type(exc).__name__}: {line[0] if line else ''} (set FEDLORA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

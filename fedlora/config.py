@@ -1,0 +1,128 @@
+"""Run configuration: defaults, a TOML file, command-line overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import UserError
+
+STRATEGIES = ("fedavg",)
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass
+class RunConfig:
+    strategy: str = "fedavg"
+    clients: int = 4
+    rounds: int = 5
+    fraction: float = 1.0  # share of clients sampled each round
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    seed: int = 0
+    # model and data; None means the embedded defaults
+    model: str | None = None
+    data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_data: str | None = None
+    test_fraction: float = 0.2
+    partition: str = "dirichlet"
+    alpha: float = 1.0  # Dirichlet concentration
+    # local training
+    local_steps: int = 8
+    batch_size: int = 16
+    lr: float = 3e-3
+    max_length: int = 64
+    eval_batch_size: int = 64
+    eval_max_examples: int = 0  # 0: the whole held-out split
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        cfg = cls()
+        cfg.update(values)
+        return cfg
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set fields from a mapping; unknown keys and wrong types are user errors."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise UserError(f"unknown config key {key!r}")
+            setattr(self, key, _coerce(key, value, fields[key]))
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        if self.partition not in PARTITIONS:
+            raise UserError(f"unknown partition {self.partition!r}: choose from iid, dirichlet")
+        positive = ("clients", "rounds", "rank", "local_steps", "batch_size", "max_length", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise UserError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.alpha <= 0:
+            raise UserError(f"alpha must be > 0, got {self.alpha}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise UserError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if not self.target_modules:
+            raise UserError("target-modules must name at least one module")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    annotation = str(f.type)
+    try:
+        if annotation.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+        if value is None:
+            if "None" in annotation:
+                return None
+            raise TypeError
+        if annotation.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if annotation.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if annotation.startswith("str"):
+            if not isinstance(value, (str, Path)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {key!r} has a value of the wrong type: {value!r}") from None
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config; keys may sit at the top level or under [fedlora]."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"malformed config {path}: {exc}") from None
+    if "fedlora" in data and isinstance(data["fedlora"], dict):
+        data = data["fedlora"]
+    return data

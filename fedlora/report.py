@@ -1,0 +1,62 @@
+"""A run's outputs: metrics.jsonl line by line, summary.json, report.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_report(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy and loss per round, and cumulative bytes up and down."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in metrics]
+    fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(rounds, [m["accuracy"] for m in metrics], "o-", label="accuracy")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("accuracy")
+    ax_loss = ax_acc.twinx()
+    ax_loss.plot(rounds, [m["loss"] for m in metrics], "s--", color="tab:red", label="loss")
+    ax_loss.set_ylabel("loss")
+    ax_acc.legend(loc="center left")
+    ax_loss.legend(loc="center right")
+    up = down = 0
+    ups, downs = [], []
+    for m in metrics:
+        up += m["bytes_up"]
+        down += m["bytes_down"]
+        ups.append(up / 1e6)
+        downs.append(down / 1e6)
+    ax_bytes.plot(rounds, ups, "o-", label="up (clients to server)")
+    ax_bytes.plot(rounds, downs, "s-", label="down (server to clients)")
+    ax_bytes.set_xlabel("round")
+    ax_bytes.set_ylabel("cumulative MB")
+    ax_bytes.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

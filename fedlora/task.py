@@ -1,0 +1,100 @@
+"""One run's task, shared by coordinator and clients: its data splits and its adapted model.
+
+Both are cached per process, so a simulation worker loads the base model and the data
+once and reuses them for every client and round it serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from torch import nn
+
+from fedlora.adapters import LoRASpec, adapter_state, head_module, inject_lora
+from fedlora.config import RunConfig
+from fedlora.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
+from fedlora.errors import UserError
+from fedlora.models import load_classifier, load_tokenizer
+
+
+@dataclass
+class Splits:
+    train: TextDataset
+    test: TextDataset
+    partitions: list[list[int]]  # indices into train, one list per client
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.train.label_names
+
+
+def data_key(cfg: RunConfig) -> str:
+    """The config fields that decide the data splits, as a hashable cache key."""
+    keys = ("data", "text_column", "label_column", "eval_data", "test_fraction", "seed", "partition", "alpha", "clients")
+    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    return _load_splits(data_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_splits(key: str) -> Splits:
+    cfg = RunConfig.from_dict(json.loads(key))
+    full = load_bbc_news() if cfg.data is None else load_text_file(cfg.data, cfg.text_column, cfg.label_column)
+    if cfg.eval_data is not None:
+        train = full
+        test = load_text_file(cfg.eval_data, cfg.text_column, cfg.label_column)
+        if test.label_names != train.label_names:
+            raise UserError("the evaluation file's labels differ from the training file's")
+    else:
+        if len(full) < 2:
+            raise UserError("need at least 2 examples to hold one out for evaluation")
+        tr, te = stratified_split(full.labels, cfg.test_fraction, cfg.seed)
+        train, test = full.subset(tr), full.subset(te)
+    if len(train.label_names) < 2:
+        raise UserError("need at least 2 distinct labels for classification")
+    parts = partition_indices(train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+    return Splits(train, test, parts)
+
+
+def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
+    return LoRASpec(rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=tuple(cfg.target_modules), with_r=with_r)
+
+
+@functools.lru_cache(maxsize=2)
+def adapted_model(model: str | None, num_labels: int, spec: LoRASpec) -> nn.Module:
+    """The base model with adapters injected; callers load adapter state before use."""
+    net = load_classifier(model, num_labels)
+    try:
+        inject_lora(net, spec)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return net
+
+
+def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, seed: int):
+    """The round-0 global state: seeded A and head, zero B."""
+    import torch
+
+    net = adapted_model(model, num_labels, spec)
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if hasattr(m, "reset_adapter"):
+            m.reset_adapter(gen)
+    # the classifier is new; the pooler keeps its pretrained weights
+    head = [p for n, p in net.named_parameters() if head_module(n) in ("classifier", "score")]
+    with torch.no_grad():
+        for p in head:
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.zero_()
+    return adapter_state(net)
+
+
+@functools.lru_cache(maxsize=2)
+def tokenizer_for(model: str | None):
+    return load_tokenizer(model)

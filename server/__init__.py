@@ -1,0 +1,1 @@
+"""The coordinator side: Flower ServerApp and the round loop."""

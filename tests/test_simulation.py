@@ -1,0 +1,73 @@
+"""A real 2-client, 1-round simulation on Flower's simulation engine, outputs checked."""
+
+import json
+
+import pytest
+import torch
+
+from fedlora.cli import main
+
+METRIC_KEYS = {
+    "round", "strategy", "accuracy", "loss", "clients", "rejected", "bytes_up",
+    "bytes_down", "aggregation_error", "epsilon", "seconds",
+}
+SUMMARY_KEYS = {
+    "strategy", "rounds", "num_clients", "model", "dataset", "final_accuracy",
+    "bytes_up_total", "bytes_down_total", "epsilon", "seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    cfg = tmp_path_factory.mktemp("cfg") / "small.toml"
+    cfg.write_text("[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nmax_length = 32\n")
+    code = main(["simulate", "--clients", "2", "--rounds", "1", "--out", str(out), "--config", str(cfg)])
+    assert code == 0
+    return out
+
+
+def test_output_files(run_dir):
+    for name in ("metrics.jsonl", "summary.json", "report.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_metrics_and_summary(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    m = json.loads(lines[0])
+    assert METRIC_KEYS <= set(m)
+    assert m["round"] == 1 and m["strategy"] == "fedavg" and m["clients"] == 2 and m["rejected"] == 0
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
+    assert m["bytes_up"] > 0 and m["bytes_down"] > 0
+    assert m["aggregation_error"] > 0  # FedAvg is not exact
+    assert m["epsilon"] is None
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(s)
+    assert s["num_clients"] == 2 and s["rounds"] == 1
+    assert s["bytes_up_total"] == m["bytes_up"] and s["final_accuracy"] == m["accuracy"]
+
+
+def test_exported_adapter_loads_in_peft_with_the_same_logits(run_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from fedlora.adapters import load_adapter_state
+    from fedlora.config import RunConfig
+    from fedlora.export import PEFT_PREFIX
+    from fedlora.models import load_classifier, load_tokenizer
+    from fedlora.task import adapted_model, lora_spec
+
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    state = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}
+    ours = adapted_model(None, 5, lora_spec(cfg))
+    load_adapter_state(ours, state)
+
+    peft_model = PeftModel.from_pretrained(load_classifier(None, 5), str(run_dir / "adapter"))
+    peft_model.eval()
+    tok = load_tokenizer(None)
+    batch = tok(["The central bank raised interest rates.", "The striker scored twice."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        diff = (peft_model(**batch).logits - ours(**batch).logits).abs().max().item()
+    assert diff < 1e-4
