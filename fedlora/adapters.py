@@ -30,6 +30,8 @@ class LoRASpec:
     alpha: float
     target_modules: tuple[str, ...]
     with_r: bool = False  # Fed-SB: a trainable r x r matrix between A and B
+    # task-head modules trained and shared in full beside the adapters
+    head_modules: tuple[str, ...] = ("classifier", "score")
 
     @property
     def scaling(self) -> float:
@@ -83,8 +85,8 @@ class LoRALinear(nn.Module):
 
 
 def _matches(module_name: str, targets: Iterable[str]) -> bool:
-    leaf = module_name.rsplit(".", 1)[-1]
-    return leaf in targets
+    """A target names a module by its last path parts: ``query`` or ``pooler.dense``."""
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
@@ -106,6 +108,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, LoRALinear(module, spec.rank, spec.scaling, spec.with_r))
+    model.fedlora_spec = spec
     return [name for name, _ in targets]
 
 
@@ -113,23 +116,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-# Task-head modules trained and shared beside the adapters. BERT's pooler belongs here:
-# sentence-embedding checkpoints such as all-MiniLM-L6-v2 never trained it, and a frozen
-# pooler caps accuracy well below what the same adapters reach with it trained.
-HEAD_MODULES = ("classifier", "score", "pooler")
-
-
-def head_module(name: str) -> str | None:
-    """The head module a parameter name belongs to (``bert.pooler.dense.weight`` -> ``pooler``)."""
+def head_module(name: str, head_modules: Iterable[str]) -> str | None:
+    """The head module a parameter belongs to (``bert.pooler.dense.weight`` -> ``pooler``)."""
     for part in name.split(".")[:-1]:
-        if part in HEAD_MODULES:
+        if part in head_modules:
             return part
     return None
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
-    """Parameters of the task head that is trained and shared."""
-    return [name for name, _ in model.named_parameters() if head_module(name) is not None]
+    """Parameters of the task head that is trained and shared (per the injected LoRASpec)."""
+    spec = getattr(model, "fedlora_spec", None)
+    heads = spec.head_modules if spec is not None else LoRASpec.head_modules
+    return [name for name, _ in model.named_parameters() if head_module(name, heads) is not None]
 
 
 def role_of(name: str) -> str:

@@ -26,6 +26,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--rank", type=int, help="LoRA rank (default 8)")
     add("--lora-alpha", type=float, help="LoRA scaling numerator (default 16)")
     add("--target-modules", help="comma-separated module names to adapt (default query,value)")
+    add("--head-modules", help="modules trained in full and shared (default classifier,score,pooler)")
     add("--seed", type=int, help="random seed (default 0)")
     add("--out", help="output folder (default runs/<timestamp>-<strategy>/)")
     add("--model", help="local Hugging Face model folder (default: embedded all-MiniLM-L6-v2)")

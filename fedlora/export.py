@@ -33,7 +33,7 @@ def export_peft_adapter(state: dict[str, torch.Tensor], cfg: RunConfig, num_labe
     if len(ranks) != 1:
         raise ValueError(f"expected one LoRA rank across modules, found {sorted(ranks)}")
     rank = ranks.pop()
-    head_modules = sorted({head_module(n) for n in state if role_of(n) == ROLE_HEAD})
+    head_modules = sorted({head_module(n, cfg.head_modules) for n in state if role_of(n) == ROLE_HEAD})
     config = LoraConfig(
         r=rank,
         # keep the scaling alpha/r of training even when the exported rank differs

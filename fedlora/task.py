@@ -61,7 +61,13 @@ def _load_splits(key: str) -> Splits:
 
 
 def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
-    return LoRASpec(rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=tuple(cfg.target_modules), with_r=with_r)
+    return LoRASpec(
+        rank=cfg.rank,
+        alpha=cfg.lora_alpha,
+        target_modules=tuple(cfg.target_modules),
+        with_r=with_r,
+        head_modules=tuple(cfg.head_modules),
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -84,8 +90,8 @@ def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, se
     for m in net.modules():
         if hasattr(m, "reset_adapter"):
             m.reset_adapter(gen)
-    # the classifier is new; the pooler keeps its pretrained weights
-    head = [p for n, p in net.named_parameters() if head_module(n) in ("classifier", "score")]
+    # new layers (the classifier) start small; pretrained ones (BERT's pooler) keep their weights
+    head = [p for n, p in net.named_parameters() if head_module(n, ("classifier", "score")) is not None]
     with torch.no_grad():
         for p in head:
             if p.dim() > 1:

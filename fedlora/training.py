@@ -45,6 +45,7 @@ def train_local(
     lr: float,
     max_length: int,
     seed: int,
+    max_grad_norm: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> TrainStats:
     """AdamW on the parameters that require grad, for a fixed number of steps."""
@@ -60,6 +61,7 @@ def train_local(
         loss = F.cross_entropy(model(**inputs).logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         total_loss += loss.item() * len(idx)
         seen += len(idx)

@@ -87,3 +87,16 @@ def test_lora_r_between_a_and_b(tiny_bert, tiny_inputs):
     x = torch.randn(2, 6)
     expected = layer.base_layer(x) + x @ layer.delta_weight().T
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_modules_from_the_spec_are_trained_in_full(tiny_bert):
+    inject_lora(tiny_bert, LoRASpec(4, 8.0, ("query", "value"), head_modules=("classifier", "pooler")))
+    set_trainable(tiny_bert, ["lora_A", "lora_B", "head"])
+    trainable = {n for n, p in tiny_bert.named_parameters() if p.requires_grad}
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= trainable
+    assert "bert.pooler.dense.weight" in adapter_state(tiny_bert)
+
+
+def test_targets_match_dotted_suffixes(tiny_bert):
+    names = inject_lora(tiny_bert, LoRASpec(4, 8.0, ("pooler.dense",)))
+    assert names == ["bert.pooler.dense"]
