@@ -61,6 +61,18 @@ class LoRALinear(nn.Module):
     def rank(self) -> int:
         return self.lora_A.out_features
 
+    def reshape(self, rank: int, scaling: float, with_r: bool) -> None:
+        """New adapter pieces of another rank (FLoRA's per-client ranks), re-initialised."""
+        if rank == self.rank and with_r == (self.lora_R is not None):
+            self.scaling = scaling
+            return
+        dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
+        self.lora_A = nn.Linear(self.base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(rank, self.base_layer.out_features, bias=False, dtype=dtype, device=device)
+        self.lora_R = nn.Linear(rank, rank, bias=False, dtype=dtype, device=device) if with_r else None
+        self.scaling = scaling
+        self.reset_adapter()
+
     def reset_adapter(self, generator: torch.Generator | None = None) -> None:
         """PEFT's default init: A Kaiming-uniform, B zero, so the adapter starts as a no-op."""
         bound = 1.0 / math.sqrt(self.lora_A.in_features)  # kaiming_uniform_(a=sqrt(5))
@@ -193,8 +205,30 @@ def merge_lora(model: nn.Module) -> None:
         setattr(parent, leaf, base)
 
 
-@torch.no_grad()
-def merge_into_base(model: nn.Module) -> None:
-    """Add each adapter's current product into its base weight, keeping the adapters."""
+def reset_adapters(model: nn.Module, generator: torch.Generator | None = None) -> None:
     for module in lora_modules(model).values():
-        module.base_layer.weight += module.delta_weight().to(module.base_layer.weight.dtype)
+        module.reset_adapter(generator)
+
+
+def reshape_adapters(model: nn.Module, spec: LoRASpec) -> None:
+    """Make every adapter of ``model`` match ``spec``'s rank and R (a no-op when it does)."""
+    for module in lora_modules(model).values():
+        module.reshape(spec.rank, spec.scaling, spec.with_r)
+    model.fedlora_spec = spec
+
+
+@torch.no_grad()
+def set_base_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Base weight of each adapted module := its pretrained value + ``deltas[module]`` (or + 0).
+
+    The pretrained value is kept on the layer the first time, so one cached model can
+    serve clients that merged different histories (FLoRA).
+    """
+    for name, module in lora_modules(model).items():
+        weight = module.base_layer.weight
+        if not hasattr(module, "pretrained_weight"):
+            if name not in deltas:
+                continue
+            module.pretrained_weight = weight.detach().clone()
+        base = module.pretrained_weight
+        weight.copy_(base + deltas[name].to(weight.dtype) if name in deltas else base)

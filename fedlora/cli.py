@@ -19,11 +19,14 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
     add("--config", help="TOML file with run settings (flags override it)")
-    add("--strategy", help="aggregation strategy: fedavg")
+    add("--strategy", help="aggregation strategy: fedavg, ffa, flora or fedsb (default fedavg)")
     add("--clients", type=int, help="number of clients (default 4)")
     add("--rounds", type=int, help="federated rounds (default 5)")
     add("--fraction", type=float, help="share of clients sampled per round (default 1.0)")
     add("--rank", type=int, help="LoRA rank (default 8)")
+    add("--ranks", help="FLoRA: comma-separated rank per client, e.g. 16,8,8,4")
+    add("--init-batches", type=int, help="Fed-SB: batches per client for the initialisation gradient (default 4)")
+    add("--wire-dtype", help="dtype of adapter tensors on the wire: fp32, fp16 or bf16 (default fp32)")
     add("--lora-alpha", type=float, help="LoRA scaling numerator (default 16)")
     add("--target-modules", help="comma-separated module names to adapt (default query,value)")
     add("--head-modules", help="modules trained in full and shared (default classifier,score,pooler)")

@@ -10,7 +10,7 @@ from typing import Any
 
 from fedlora.errors import UserError
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -21,6 +21,7 @@ class RunConfig:
     rounds: int = 5
     fraction: float = 1.0  # share of clients sampled each round
     rank: int = 8
+    ranks: tuple[int, ...] = ()  # FLoRA: one rank per client (by partition id), cycled
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ("query", "value")
     # Trained in full and shared. BERT's pooler is here by default: sentence-embedding
@@ -42,6 +43,8 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 3e-3
     max_length: int = 64
+    init_batches: int = 4  # Fed-SB: batches each client uses for the initialisation gradient
+    wire_dtype: str = "fp32"
     eval_batch_size: int = 64
     eval_max_examples: int = 0  # 0: the whole held-out split
     out: str | None = None
@@ -71,7 +74,7 @@ class RunConfig:
             raise UserError(f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
         if self.partition not in PARTITIONS:
             raise UserError(f"unknown partition {self.partition!r}: choose from iid, dirichlet")
-        positive = ("clients", "rounds", "rank", "local_steps", "batch_size", "max_length", "eval_batch_size")
+        positive = ("clients", "rounds", "rank", "local_steps", "batch_size", "max_length", "eval_batch_size", "init_batches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -83,6 +86,12 @@ class RunConfig:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if any(r < 1 for r in self.ranks):
+            raise UserError(f"ranks must all be >= 1, got {list(self.ranks)}")
+        if self.ranks and self.strategy != "flora":
+            raise UserError("--ranks (one rank per client) needs --strategy flora; use --rank otherwise")
+        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"unknown wire dtype {self.wire_dtype!r}: choose from fp32, fp16, bf16")
         if not self.target_modules:
             raise UserError("target-modules must name at least one module")
 
@@ -93,7 +102,13 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         if annotation.startswith("tuple"):
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            if annotation.startswith("tuple[int"):
+                if not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit()) for v in value):
+                    raise TypeError
+                return tuple(int(v) for v in value)
+            if not all(isinstance(v, str) for v in value):
                 raise TypeError
             return tuple(value)
         if value is None:

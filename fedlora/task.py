@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedlora.adapters import LoRASpec, adapter_state, head_module, inject_lora
+from fedlora.adapters import LoRASpec, adapter_state, head_module, inject_lora, reshape_adapters
 from fedlora.config import RunConfig
 from fedlora.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
@@ -70,12 +70,21 @@ def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
     )
 
 
-@functools.lru_cache(maxsize=2)
 def adapted_model(model: str | None, num_labels: int, spec: LoRASpec) -> nn.Module:
-    """The base model with adapters injected; callers load adapter state before use."""
+    """The base model with adapters of ``spec``'s shape; callers load adapter state before use.
+
+    One model per process and base: a change of rank only swaps the small adapter pieces.
+    """
+    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules)
+    reshape_adapters(net, spec)
+    return net
+
+
+@functools.lru_cache(maxsize=2)
+def _injected_model(model: str | None, num_labels: int, targets: tuple[str, ...], heads: tuple[str, ...]) -> nn.Module:
     net = load_classifier(model, num_labels)
     try:
-        inject_lora(net, spec)
+        inject_lora(net, LoRASpec(rank=1, alpha=1.0, target_modules=targets, head_modules=heads))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return net

@@ -90,3 +90,43 @@ def evaluate(
         correct += (logits.argmax(-1) == labels).sum().item()
     n = max(len(data), 1)
     return correct / n, total_loss / n
+
+
+def full_weight_gradients(
+    model: nn.Module,
+    tokenizer,
+    data: TextDataset,
+    *,
+    batches: int,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Mean gradient of the loss with respect to each adapted module's full base weight.
+
+    Fed-SB's LoRA-SB initialisation takes its truncated SVD; adapters and everything
+    else stay frozen.
+    """
+    from fedlora.adapters import lora_modules
+
+    modules = lora_modules(model)
+    for p in model.parameters():
+        p.requires_grad = False
+    for m in modules.values():
+        m.base_layer.weight.requires_grad = True
+        m.base_layer.weight.grad = None
+    torch.manual_seed(seed)
+    model.train()
+    try:
+        order = batch_order(len(data), batches, min(batch_size, len(data)), seed)
+        for idx in order:
+            inputs = encode(tokenizer, [data.texts[i] for i in idx], max_length, device)
+            labels = torch.tensor([data.labels[i] for i in idx], device=device)
+            (F.cross_entropy(model(**inputs).logits, labels) / len(order)).backward()
+        return {name: m.base_layer.weight.grad.detach().to("cpu", torch.float32).clone() for name, m in modules.items()}
+    finally:
+        for m in modules.values():
+            m.base_layer.weight.requires_grad = False
+            m.base_layer.weight.grad = None
+        model.eval()

@@ -76,13 +76,14 @@ def _read_header(data: bytes) -> dict:
 
 def decode_update(
     data: bytes,
-    expected: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int | None, ...]],
     *,
     strategy: str,
     round_num: int,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Validate a client's update against the names/shapes the strategy expects this round.
+    """Validate a client's update against the names/shapes the strategy expects this round
+    (a None dimension is free: a client-chosen rank).
 
     Returns (tensors, num_examples).
     """
@@ -103,6 +104,7 @@ def decode_update(
         raise InvalidUpdate(f"missing tensor {missing[0]!r}")
     for name, shape in expected.items():
         got = tuple(payload.tensors[name].shape)
-        if got != tuple(shape):
-            raise InvalidUpdate(f"tensor {name} has shape {got}, expected {tuple(shape)}")
+        if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+            want = tuple("r" if e is None else e for e in shape)
+            raise InvalidUpdate(f"tensor {name} has shape {got}, expected {want}")
     return payload.tensors, n

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.adapters import load_adapter_state
 from fedlora.config import RunConfig
 from fedlora.export import export_peft_adapter
 from fedlora.models import model_display_name
@@ -36,21 +36,26 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
     splits = load_splits(cfg)
     num_labels = len(splits.label_names)
     spec = lora_spec(cfg)
-    strategy = make_strategy(cfg.strategy, spec)
-    global_state = initial_adapter_state(cfg.model, num_labels, spec, cfg.seed)
+    strategy = make_strategy(cfg.strategy, spec, init_step=cfg.lr)
+    global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed))
     bridge = FlowerStrategy(
-        strategy, global_state, json.dumps(cfg.to_dict()), fraction=cfg.fraction, seed=cfg.seed
+        strategy, global_state, json.dumps(cfg.to_dict()), fraction=cfg.fraction, seed=cfg.seed, wire_dtype=cfg.wire_dtype
     )
-    eval_model = adapted_model(cfg.model, num_labels, spec)
-    test = splits.test if cfg.eval_max_examples <= 0 else splits.test.subset(range(min(cfg.eval_max_examples, len(splits.test))))
+    test = splits.test
+    if 0 < cfg.eval_max_examples < len(test):  # a seeded random slice, not the first (one-label) rows
+        test = test.subset(sorted(random.Random(cfg.seed).sample(range(len(test)), cfg.eval_max_examples)))
 
     wait_for_nodes(grid, min_nodes=cfg.clients)
+    init = {"bytes_up": 0, "bytes_down": 0}
+    if strategy.needs_init:
+        init = federated_init(grid, bridge, progress)
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(bridge.configure_train(rnd, None, None, grid), timeout=REPLY_TIMEOUT_S)
         bridge.aggregate_train(rnd, replies)
         t_eval = time.perf_counter()
-        load_adapter_state(eval_model, bridge.global_state)
+        eval_model = adapted_model(cfg.model, num_labels, strategy.spec)
+        strategy.materialize(eval_model, bridge.global_state)
         accuracy, loss = evaluate(eval_model, tokenizer_for(cfg.model), test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
         s = bridge.stats
         record = {
@@ -79,7 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
         )
 
     metrics = read_metrics(metrics_path)
-    export_peft_adapter(bridge.global_state, cfg, num_labels, out_dir / "adapter")
+    export_peft_adapter(*strategy.export_adapter(bridge.global_state), cfg, out_dir / "adapter")
     summary = {
         "strategy": cfg.strategy,
         "rounds": len(metrics),
@@ -89,8 +94,11 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
         "labels": splits.label_names,
         "final_accuracy": metrics[-1]["accuracy"] if metrics else None,
         "final_loss": metrics[-1]["loss"] if metrics else None,
-        "bytes_up_total": sum(m["bytes_up"] for m in metrics),
-        "bytes_down_total": sum(m["bytes_down"] for m in metrics),
+        # totals include what the initialisation cost (Fed-SB), also shown on its own
+        "bytes_up_total": init["bytes_up"] + sum(m["bytes_up"] for m in metrics),
+        "bytes_down_total": init["bytes_down"] + sum(m["bytes_down"] for m in metrics),
+        "init_bytes_up": init["bytes_up"],
+        "init_bytes_down": init["bytes_down"],
         "epsilon": None,
         "seconds": time.perf_counter() - start,
     }
@@ -102,6 +110,20 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
+
+
+def federated_init(grid: Grid, bridge: FlowerStrategy, progress) -> dict:
+    """Fed-SB's initialisation round: clients send gradients, the server builds A, B, R0."""
+    t0 = time.perf_counter()
+    replies = grid.send_and_receive(bridge.configure_init(grid), timeout=REPLY_TIMEOUT_S)
+    if not bridge.aggregate_init(replies):
+        raise RuntimeError("no client returned a valid initialisation gradient")
+    s = bridge.init_stats
+    progress(
+        f"init: {bridge.strategy.name} initialisation from {s.clients} clients  rejected {s.rejected}"
+        f"  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB  {time.perf_counter() - t0:.1f}s"
+    )
+    return {"bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, poll_s: float = 1.0) -> None:

@@ -1,16 +1,40 @@
-"""The pure interface every aggregation strategy implements: tensors in, tensors out."""
+"""The pure interface every aggregation strategy implements: tensors in, tensors out.
+
+A strategy decides what each client trains and sends, what the server sends down
+(every round, and once or on catch-up), and how updates combine. Its global state is
+a flat dict of named tensors, like every adapter state in fedlora.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import re
+from abc import ABC
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
-from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, module_of, role_of
+from fedlora.adapters import (
+    ROLE_A,
+    ROLE_B,
+    ROLE_HEAD,
+    ROLE_R,
+    LoRASpec,
+    load_adapter_state,
+    module_of,
+    role_of,
+    set_base_deltas,
+)
 
 State = dict[str, torch.Tensor]
+Shape = tuple[int | None, ...]  # None: a free dimension (a client-chosen rank)
+
+MERGED = re.compile(r"^merged\.(\d+)\.(.+)$")
+
+
+class UpdateRejected(ValueError):
+    """A client update that does not fit the strategy; the message is the reason."""
 
 
 @dataclass
@@ -24,7 +48,7 @@ class ClientUpdate:
 
 @dataclass
 class Aggregate:
-    state: State  # the new global adapter state
+    state: State  # the new global state
     error: float  # relative Frobenius error of the global update vs the exact weighted mean
 
 
@@ -40,14 +64,15 @@ def weighted_mean(tensors: Sequence[torch.Tensor], ws: Sequence[float]) -> torch
     return out.to(torch.float32)
 
 
-def lora_deltas(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Per adapted module, the dense update s * B @ (R @) A that the state encodes (float64)."""
-    modules = sorted({module_of(n) for n in state if role_of(n) == ROLE_A})
+def lora_deltas(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Per adapted module, the dense update (alpha/r) * B @ (R @) A the state encodes (float64)."""
+    modules = sorted({module_of(n) for n in state if role_of(n) == ROLE_A and not n.startswith("merged.")})
     deltas = {}
     for m in modules:
         a = state[f"{m}.{ROLE_A}.weight"].to(torch.float64)
         b = state[f"{m}.{ROLE_B}.weight"].to(torch.float64)
         r = state.get(f"{m}.{ROLE_R}.weight")
+        scaling = alpha / a.shape[0]
         if r is not None:
             a = r.to(torch.float64) @ a
         deltas[m] = scaling * (b @ a)
@@ -55,7 +80,7 @@ def lora_deltas(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, 
 
 
 def relative_error(actual: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> float:
-    """||actual - target||_F / ||target||_F over all modules together (0 when the target is 0)."""
+    """||actual - target||_F / ||target||_F over all modules together (0 when both are 0)."""
     num = sum(float(torch.sum((actual[k] - target[k]) ** 2)) for k in target)
     den = sum(float(torch.sum(target[k] ** 2)) for k in target)
     if den == 0.0:
@@ -67,23 +92,113 @@ def mean_of_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], ws: Sequence[fl
     return {k: sum(w * d[k] for d, w in zip(deltas, ws)) for k in deltas[0]}
 
 
+def mean_of_roles(global_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float]) -> State:
+    """The global state with every tensor the clients sent replaced by its weighted mean."""
+    new_state = dict(global_state)
+    for name in updates[0].state:
+        new_state[name] = weighted_mean([u.state[name] for u in updates], ws)
+    return new_state
+
+
+def merged_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FLoRA's history (``merged.<round>.<module>.lora_A/B.weight``) summed per module."""
+    deltas: dict[str, torch.Tensor] = {}
+    for name, a in state.items():
+        match = MERGED.match(name)
+        if not match or role_of(name) != ROLE_A:
+            continue
+        module = module_of(match.group(2))
+        b = state[name[: -len(f"{ROLE_A}.weight")] + f"{ROLE_B}.weight"]
+        d = b.to(torch.float64) @ a.to(torch.float64)
+        deltas[module] = deltas.get(module, 0) + d
+    return deltas
+
+
 class AdapterStrategy(ABC):
-    """One federated LoRA algorithm, free of Flower: what clients train, send, and how it combines."""
+    """One federated LoRA algorithm, free of Flower."""
 
     name: str = ""
     trained_roles: tuple[str, ...] = (ROLE_A, ROLE_B, ROLE_HEAD)
+    frozen_roles: tuple[str, ...] = ()  # sent once to each client, kept by it
+    needs_init: bool = False  # a federated initialisation before round 1 (Fed-SB)
 
     def __init__(self, spec: LoRASpec):
         self.spec = spec
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+
+    # ----- shapes and state -------------------------------------------------------
+    def client_spec(self, rank: int | None = None) -> LoRASpec:
+        """The adapter shape a client trains; only FLoRA lets a client choose its rank."""
+        return self.spec
+
+    def setup(self, initial_state: State) -> State:
+        """Record module shapes; return the round-0 global state."""
+        for name, t in initial_state.items():
+            if role_of(name) == ROLE_A:
+                self.module_shapes[module_of(name)] = (0, t.shape[1])
+        for name, t in initial_state.items():
+            if role_of(name) == ROLE_B:
+                m = module_of(name)
+                self.module_shapes[m] = (t.shape[0], self.module_shapes[m][1])
+        return dict(initial_state)
 
     @property
     def sent_roles(self) -> tuple[str, ...]:
         return self.trained_roles
 
-    def expected_update_shapes(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-        """Names and shapes a valid client update must carry."""
-        return {n: tuple(t.shape) for n, t in global_state.items() if role_of(n) in self.sent_roles}
+    def is_persistent(self, name: str) -> bool:
+        """Tensors a client keeps between rounds once received (frozen roles, merge history)."""
+        return role_of(name) in self.frozen_roles or name.startswith("merged.")
 
-    @abstractmethod
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> Aggregate:
-        """Combine the clients' updates into the next global state."""
+    def broadcast(self, global_state: State) -> State:
+        """What every sampled client receives each round."""
+        return {n: t for n, t in global_state.items() if not self.is_persistent(n)}
+
+    def catch_up(self, global_state: State, last_seen: int | None) -> State:
+        """What a client that last synced at round ``last_seen`` (None: never) still lacks."""
+        if last_seen is not None:
+            return {}
+        return {n: t for n, t in global_state.items() if role_of(n) in self.frozen_roles}
+
+    def expected_update_shapes(self, global_state: State) -> dict[str, Shape]:
+        """Names and shapes a valid client update must carry."""
+        return {n: tuple(t.shape) for n, t in global_state.items() if role_of(n) in self.sent_roles and not n.startswith("merged.")}
+
+    def check_update(self, tensors: State) -> None:
+        """Strategy-specific checks beyond names and shapes; raise UpdateRejected."""
+
+    # ----- client side ----------------------------------------------------------------
+    def prepare_client_model(self, model: nn.Module, state: State, seed: int) -> None:
+        """Put the global state into a client's model before local training."""
+        self.materialize(model, state)
+
+    def materialize(self, model: nn.Module, state: State) -> None:
+        """Load a global state into a model (base-weight merges included) for use or evaluation."""
+        set_base_deltas(model, {m: d.to(torch.float32) for m, d in merged_deltas(state).items()})
+        load_adapter_state(model, {n: t for n, t in state.items() if not n.startswith("merged.")})
+
+    # ----- server side ----------------------------------------------------------------
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], round_num: int = 1) -> Aggregate:
+        """Combine the clients' updates into the next global state: by default the
+        weighted mean of every tensor they sent, exact when the dense update is linear in it."""
+        ws = weights(updates)
+        new_state = mean_of_roles(global_state, updates, ws)
+        target = self.exact_target(global_state, updates, ws)
+        return Aggregate(new_state, relative_error(lora_deltas(new_state, self.spec.alpha), target))
+
+    def export_adapter(self, global_state: State) -> tuple[State, float]:
+        """The global state as one standard LoRA (A, B, head) and its scaling, for PEFT export."""
+        state = {n: t for n, t in global_state.items() if not n.startswith("merged.")}
+        for name, r in list(state.items()):
+            if role_of(name) == ROLE_R:  # Fed-SB: B @ R @ A as B' = B @ R
+                b_name = f"{module_of(name)}.{ROLE_B}.weight"
+                state[b_name] = state[b_name] @ state.pop(name)
+        return state, self.spec.scaling
+
+    def exact_target(self, global_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float]) -> dict[str, torch.Tensor]:
+        """The data-weighted mean of the clients' dense updates, Σ p_k ΔW_k."""
+        return mean_of_deltas([lora_deltas({**global_state, **u.state}, self.spec.alpha) for u in updates], ws)
+
+
+def with_rank(spec: LoRASpec, rank: int, with_r: bool | None = None) -> LoRASpec:
+    return replace(spec, rank=rank, with_r=spec.with_r if with_r is None else with_r)

@@ -1,8 +1,9 @@
 """The one bridge between a pure AdapterStrategy and Flower's Strategy API.
 
 Keeps the global adapter state itself (Flower's ``aggregate_train`` is not given the
-current arrays), encodes what goes down, validates what comes up, and counts the
-bytes of the payloads that actually crossed.
+current arrays), encodes what goes down to each node (what every client gets, plus
+what this node still lacks), validates what comes up, and counts the bytes of the
+payloads that actually crossed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora import wire
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, State
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected
 
 log = logging.getLogger("fedlora")
 
 RECORD = "fedlora"
+PHASE_TRAIN = "train"
+PHASE_INIT = "init"
 
 
 @dataclass
@@ -58,70 +61,111 @@ class FlowerStrategy(Strategy):
         self.wire_dtype = wire_dtype
         self.max_update_bytes = max_update_bytes
         self.stats = RoundStats()
-        self._node_of_message: dict[str, int] = {}
+        self.init_stats: RoundStats | None = None
+        self.synced: dict[int, int] = {}  # node -> last round whose state it holds
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
         k = max(1, int(round(self.fraction * len(node_ids))))
         rng = random.Random(self.seed * 1_000_003 + server_round)
         return sorted(rng.sample(sorted(node_ids), k))
 
+    def _message(self, node_id: int, payload: bytes, server_round: int, phase: str) -> Message:
+        record = ConfigRecord(
+            {"payload": payload, "run_config": self.run_config_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype}
+        )
+        return Message(content=RecordDict({RECORD: record}), message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+    def _encode_down(self, tensors: State, server_round: int) -> bytes:
+        return wire.encode(tensors, {"kind": "global", "round": server_round, "strategy": self.strategy.name})
+
+    # ----- Fed-SB's federated initialisation ----------------------------------------------
+    def configure_init(self, grid: Grid) -> list[Message]:
+        nodes = self.sample(0, list(grid.get_node_ids()))
+        payload = self._encode_down(self.strategy.init_request(self.global_state), 0)
+        self.init_stats = RoundStats(sampled=nodes, bytes_down=len(payload) * len(nodes))
+        return [self._message(n, payload, 0, PHASE_INIT) for n in nodes]
+
+    def aggregate_init(self, replies: Iterable[Message]) -> bool:
+        """Build the initial adapters from the clients' gradients; False when none was valid."""
+        stats = self.init_stats
+        grads = self._valid_updates(0, replies, self.strategy.expected_init_shapes(), stats, check=False)
+        stats.clients = len(grads)
+        if not grads:
+            return False
+        self.global_state = self.strategy.initialize(self.global_state, [u for u, _ in grads])
+        return True
+
+    # ----- Flower's Strategy API ----------------------------------------------------------
     def configure_train(
-        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None, grid: Grid
     ) -> Iterable[Message]:
         nodes = self.sample(server_round, list(grid.get_node_ids()))
-        payload = wire.encode(self.global_state, {"kind": "global", "round": server_round, "strategy": self.strategy.name})
-        self.stats = RoundStats(sampled=nodes, bytes_down=len(payload) * len(nodes))
+        self.stats = RoundStats(sampled=nodes)
+        common = self.strategy.broadcast(self.global_state)
+        shared_payload = None
         messages = []
-        for node_id in nodes:
-            content = RecordDict(
-                {RECORD: ConfigRecord({"payload": payload, "run_config": self.run_config_json, "round": server_round, "wire_dtype": self.wire_dtype})}
-            )
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        for node in nodes:
+            extra = self.strategy.catch_up(self.global_state, self.synced.get(node))
+            if extra:
+                payload = self._encode_down({**common, **extra}, server_round)
+            else:
+                shared_payload = shared_payload or self._encode_down(common, server_round)
+                payload = shared_payload
+            self.stats.bytes_down += len(payload)
+            messages.append(self._message(node, payload, server_round, PHASE_TRAIN))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates, losses = [], []
         expected = self.strategy.expected_update_shapes(self.global_state)
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                self.stats.failed += 1
-                log.warning("client %s failed in round %d: %s", node, server_round, reply.error.reason.splitlines()[-1] if reply.error.reason else "no reason")
-                continue
-            try:
-                blob = reply.content[RECORD]["payload"]
-                self.stats.bytes_up += len(blob) if isinstance(blob, (bytes, bytearray)) else 0
-                tensors, n = wire.decode_update(
-                    blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes
-                )
-            except (KeyError, TypeError):
-                reason = "reply carries no fedlora payload"
-                tensors = None
-            except wire.InvalidUpdate as exc:
-                reason = str(exc)
-                tensors = None
-            if tensors is None:
-                self.stats.rejected += 1
-                self.stats.reasons.append(f"client {node}: {reason}")
-                log.warning("rejected update from client %s in round %d: %s", node, server_round, reason)
-                continue
-            updates.append(ClientUpdate(node, tensors, n))
-            client_metrics = reply.content.metric_records.get("metrics")
-            if client_metrics is not None:
-                losses.append((float(client_metrics.get("loss", 0.0)), n))
-                self.stats.train_seconds += float(client_metrics.get("train-seconds", 0.0))
+        valid = self._valid_updates(server_round, replies, expected, self.stats, check=True)
+        updates = [u for u, _ in valid]
         self.stats.clients = len(updates)
+        losses = [(m.get("loss"), u.num_examples) for u, m in valid if m is not None and "loss" in m]
+        self.stats.train_seconds = sum(float(m.get("train-seconds", 0.0)) for _, m in valid if m is not None)
         if not updates:
             return None, None
-        result = self.strategy.aggregate(self.global_state, updates)
+        result = self.strategy.aggregate(self.global_state, updates, server_round)
         self.global_state = result.state
         self.stats.aggregation_error = result.error
         total = sum(n for _, n in losses)
-        self.stats.train_loss = sum(l * n for l, n in losses) / total if total else None
+        self.stats.train_loss = sum(float(l) * n for l, n in losses) / total if total else None
         metrics = MetricRecord({"clients": len(updates), "aggregation_error": result.error})
-        return ArrayRecord(self.global_state), metrics
+        return None, metrics
+
+    def _valid_updates(
+        self, server_round: int, replies: Iterable[Message], expected: dict[str, Shape], stats: RoundStats, check: bool
+    ) -> list[tuple[ClientUpdate, MetricRecord | None]]:
+        valid = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                stats.failed += 1
+                reason = (reply.error.reason or "no reason given").strip().splitlines()
+                log.warning("client %s failed in round %d: %s", node, server_round, reason[-1] if reason else "")
+                continue
+            # the node answered, so it holds this round's state whatever we make of its update
+            if server_round > 0:
+                self.synced[node] = server_round - 1
+            try:
+                record = reply.content.config_records.get(RECORD)
+                if record is None or not isinstance(record.get("payload"), bytes):
+                    raise wire.InvalidUpdate("reply carries no fedlora payload")
+                blob = record["payload"]
+                stats.bytes_up += len(blob)
+                tensors, n = wire.decode_update(
+                    blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes
+                )
+                if check:
+                    self.strategy.check_update(tensors)
+            except (wire.InvalidUpdate, UpdateRejected) as exc:
+                stats.rejected += 1
+                stats.reasons.append(f"client {node}: {exc}")
+                log.warning("rejected update from client %s in round %d: %s", node, server_round, exc)
+                continue
+            valid.append((ClientUpdate(node, tensors, n), reply.content.metric_records.get("metrics")))
+        return valid
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # evaluation is central, on the coordinator's held-out split

@@ -26,8 +26,8 @@ def test_fedavg_reports_its_aggregation_error():
     strategy = make_strategy("fedavg", SPEC)
     ups = [ClientUpdate(1, _state(1), 10), ClientUpdate(2, _state(2), 30)]
     agg = strategy.aggregate(_state(0), ups)
-    target = mean_of_deltas([lora_deltas(u.state, SPEC.scaling) for u in ups], [0.25, 0.75])
-    assert agg.error == relative_error(lora_deltas(agg.state, SPEC.scaling), target)
+    target = mean_of_deltas([lora_deltas(u.state, SPEC.alpha) for u in ups], [0.25, 0.75])
+    assert agg.error == relative_error(lora_deltas(agg.state, SPEC.alpha), target)
     assert agg.error > 1e-3  # mean(B) mean(A) != mean(BA)
 
 
