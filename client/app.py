@@ -12,7 +12,6 @@ from fedlora.adapters import adapter_state, reset_adapters, set_trainable
 from fedlora.config import RunConfig
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import AdapterStrategy, State
-from fedlora.strategies.fedsb import GRAD_SUFFIX
 from fedlora.strategies.flower_bridge import PHASE_INIT, RECORD
 from fedlora.task import adapted_model, load_splits, lora_spec, tokenizer_for
 from fedlora.training import full_weight_gradients, train_local
@@ -43,7 +42,7 @@ def merge_held(context: Context, strategy: AdapterStrategy, received: State) -> 
     new = {n: t for n, t in received.items() if strategy.is_persistent(n)}
     if new:
         held.update(new)
-        context.state[HELD] = ConfigRecord({"blob": wire.encode(held, {"kind": "held"})})
+        context.state[HELD] = ConfigRecord({"blob": wire.encode(held, kind="held")})
     return {**held, **received}
 
 
@@ -62,7 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     state = merge_held(context, strategy, wire.decode(record["payload"]).tensors)
     seed = cfg.seed * 1_000_003 + round_num * 1_009 + pid
     tokenizer = tokenizer_for(cfg.model)
-    header = {"kind": "update", "strategy": strategy.name, "round": round_num, "num_examples": len(local)}
+    wire_dtype = str(record.get("wire_dtype", "fp32"))
+    header = {"strategy": strategy.name, "round_num": round_num, "num_examples": len(local), "wire_dtype": wire_dtype}
 
     if record.get("phase") == PHASE_INIT:
         reset_adapters(net)  # no adapter effect: the gradient is the base model's
@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
         grads = full_weight_gradients(
             net, tokenizer, local, batches=cfg.init_batches, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed
         )
-        blob = wire.encode({f"{m}{GRAD_SUFFIX}": g for m, g in grads.items()}, header)
+        blob = wire.encode(strategy.init_reply(grads), kind="init", **header)
         return Message(RecordDict({RECORD: ConfigRecord({"payload": blob})}), reply_to=msg)
 
     strategy.prepare_client_model(net, state, seed)
@@ -78,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_local(
         net, tokenizer, local, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length, seed=seed
     )
-    blob = wire.encode(adapter_state(net, strategy.sent_roles), header, str(record.get("wire_dtype", "fp32")))
+    blob = wire.encode_update(adapter_state(net, strategy.sent_roles), **header)
     metrics = MetricRecord(
         {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples}
     )

@@ -1,77 +1,132 @@
-"""What crosses the network: adapter tensors plus a small header, as bytes.
+"""What crosses the network: a ``fedlora.v1.Payload`` (proto/fedlora/v1/update.proto).
 
-The coordinator treats every client update as untrusted: ``decode_update`` raises
-``InvalidUpdate`` (a ValueError) with a one-line reason for anything malformed and
-never any other exception type.
+Tensors travel as raw little-endian bytes in fp32, fp16 or bf16. The coordinator treats
+every client update as untrusted: ``decode_update`` raises ``InvalidUpdate`` (a
+ValueError) with a one-line reason for anything malformed, and no other exception.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+from fedlora.adapters import role_of
+from fedlora.schema import update_pb2 as pb
 
 SCHEMA_VERSION = 1
-WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TO_PB = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+KINDS = {"global": pb.GLOBAL, "update": pb.UPDATE, "init": pb.INIT, "held": pb.HELD}
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
 class InvalidUpdate(ValueError):
-    """A client update that must be rejected; the message is the one-line reason."""
+    """A payload that must be rejected; the message is the one-line reason."""
 
 
 @dataclass
 class Payload:
     tensors: dict[str, torch.Tensor]
-    header: dict = field(default_factory=dict)
+    kind: str = "update"
+    strategy: str = ""
+    round: int = 0
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    dp: dict[str, float] | None = None
 
 
-def encode(tensors: Mapping[str, torch.Tensor], header: Mapping, wire_dtype: str = "fp32") -> bytes:
-    """Serialize tensors (cast to the wire dtype) with a JSON header."""
+def encode(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    strategy: str = "",
+    round_num: int = 0,
+    num_examples: int = 0,
+    wire_dtype: str = "fp32",
+    metrics: Mapping[str, float] | None = None,
+    dp: Mapping[str, float] | None = None,
+) -> bytes:
+    """Serialize named tensors, cast to the wire dtype, with the payload's header fields."""
     dtype = WIRE_DTYPES[wire_dtype]
-    cast = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
-    meta = {"fedlora": json.dumps({"schema": SCHEMA_VERSION, **header}, sort_keys=True)}
-    return st_save(cast, metadata=meta)
+    msg = pb.Payload(
+        schema_version=SCHEMA_VERSION, kind=KINDS[kind], strategy=strategy, round=round_num, num_examples=num_examples
+    )
+    for name, t in tensors.items():
+        t = t.detach().to("cpu", dtype).contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        msg.tensors.add(name=name, role=role_of(name), shape=list(t.shape), dtype=_TO_PB[dtype], data=raw)
+    for key, value in (metrics or {}).items():
+        msg.metrics[key] = float(value)
+    if dp is not None:
+        msg.dp.CopyFrom(pb.DPStats(**{k: v for k, v in dp.items()}))
+    return msg.SerializeToString()
+
+
+def encode_update(
+    tensors: Mapping[str, torch.Tensor], *, strategy: str, round_num: int, num_examples: int, wire_dtype: str = "fp32", **extra
+) -> bytes:
+    """A client's training update."""
+    return encode(tensors, kind="update", strategy=strategy, round_num=round_num, num_examples=num_examples, wire_dtype=wire_dtype, **extra)
 
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
-    """Parse bytes into tensors (as float32) and header; InvalidUpdate on anything malformed."""
+    """Parse and check a payload; tensors come back as float32. InvalidUpdate on anything malformed."""
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidUpdate(f"payload is {type(data).__name__}, not bytes")
     if len(data) > max_bytes:
         raise InvalidUpdate(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    msg = pb.Payload()
     try:
-        tensors = st_load(bytes(data))
-        header = _read_header(bytes(data))
-    except InvalidUpdate:
-        raise
-    except Exception as exc:  # safetensors raises its own error types on garbage
-        raise InvalidUpdate(f"unreadable payload: {type(exc).__name__}") from None
-    if header.get("schema") != SCHEMA_VERSION:
-        raise InvalidUpdate(f"schema version {header.get('schema')!r} != {SCHEMA_VERSION}")
-    out = {}
-    for name, t in tensors.items():
-        if t.dtype not in WIRE_DTYPES.values():
-            raise InvalidUpdate(f"tensor {name} has dtype {t.dtype}, not a float wire dtype")
-        t = t.to(torch.float32)
-        if not torch.isfinite(t).all():
-            raise InvalidUpdate(f"tensor {name} has non-finite values")
-        out[name] = t
-    return Payload(out, header)
+        msg.ParseFromString(bytes(data))
+    except Exception:  # protobuf's DecodeError, and whatever else garbage may raise
+        raise InvalidUpdate("unreadable payload: not a fedlora.v1.Payload") from None
+    if msg.schema_version != SCHEMA_VERSION:
+        raise InvalidUpdate(f"schema version {msg.schema_version} != {SCHEMA_VERSION}")
+    if msg.kind not in _KIND_NAMES:
+        raise InvalidUpdate(f"unknown payload kind {msg.kind}")
+    tensors: dict[str, torch.Tensor] = {}
+    for t in msg.tensors:
+        tensors[_check_name(t.name, tensors)] = _decode_tensor(t)
+    metrics = {k: float(v) for k, v in msg.metrics.items()}
+    dp = None
+    if msg.HasField("dp"):
+        dp = {f.name: getattr(msg.dp, f.name) for f in pb.DPStats.DESCRIPTOR.fields}
+    return Payload(tensors, _KIND_NAMES[msg.kind], msg.strategy, msg.round, msg.num_examples, metrics, dp)
 
 
-def _read_header(data: bytes) -> dict:
-    # safetensors: 8-byte little-endian header length, then the JSON header.
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    header = json.loads(meta.get("fedlora", "null"))
-    if not isinstance(header, dict):
-        raise InvalidUpdate("payload has no fedlora header")
-    return header
+def _check_name(name: str, seen: Mapping[str, torch.Tensor]) -> str:
+    if not name or len(name) > 512:
+        raise InvalidUpdate("tensor with an empty or over-long name")
+    if name in seen:
+        raise InvalidUpdate(f"tensor {name!r} appears twice")
+    return name
+
+
+def _decode_tensor(t: "pb.Tensor") -> torch.Tensor:
+    name = t.name
+    if t.dtype not in _FROM_PB:
+        raise InvalidUpdate(f"tensor {name!r} has an unknown dtype {t.dtype}")
+    if t.role != role_of(name):
+        raise InvalidUpdate(f"tensor {name!r} claims role {t.role!r}, its name says {role_of(name)!r}")
+    shape = list(t.shape)
+    if len(shape) > 8 or any(d < 0 for d in shape):
+        raise InvalidUpdate(f"tensor {name!r} has an invalid shape {shape}")
+    dtype = _FROM_PB[t.dtype]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if math.prod(shape) * itemsize != len(t.data):
+        raise InvalidUpdate(f"tensor {name!r}: {len(t.data)} bytes do not fit shape {shape} in {dtype}")
+    if not t.data:
+        return torch.zeros(shape, dtype=torch.float32)
+    tensor = torch.frombuffer(bytearray(t.data), dtype=dtype).reshape(shape).to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise InvalidUpdate(f"tensor {name!r} has non-finite values")
+    return tensor
 
 
 def decode_update(
@@ -81,21 +136,19 @@ def decode_update(
     strategy: str,
     round_num: int,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    kind: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Validate a client's update against the names/shapes the strategy expects this round
-    (a None dimension is free: a client-chosen rank).
-
-    Returns (tensors, num_examples).
-    """
+    """Validate a client's update against the names and shapes the strategy expects this
+    round (a None dimension is free: a client-chosen rank). Returns (tensors, num_examples)."""
     payload = decode(data, max_bytes)
-    header = payload.header
-    if header.get("strategy") != strategy:
-        raise InvalidUpdate(f"update is for strategy {header.get('strategy')!r}, not {strategy!r}")
-    if header.get("round") != round_num:
-        raise InvalidUpdate(f"update is for round {header.get('round')!r}, not {round_num}")
-    n = header.get("num_examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise InvalidUpdate(f"number of examples must be a positive integer, got {n!r}")
+    if kind is not None and payload.kind != kind:
+        raise InvalidUpdate(f"payload is a {payload.kind!r}, expected {kind!r}")
+    if payload.strategy != strategy:
+        raise InvalidUpdate(f"update is for strategy {payload.strategy!r}, not {strategy!r}")
+    if payload.round != round_num:
+        raise InvalidUpdate(f"update is for round {payload.round}, not {round_num}")
+    if payload.num_examples <= 0:
+        raise InvalidUpdate(f"number of examples must be positive, got {payload.num_examples}")
     unknown = sorted(set(payload.tensors) - set(expected))
     if unknown:
         raise InvalidUpdate(f"unknown tensor name {unknown[0]!r}")
@@ -107,4 +160,4 @@ def decode_update(
         if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
             want = tuple("r" if e is None else e for e in shape)
             raise InvalidUpdate(f"tensor {name} has shape {got}, expected {want}")
-    return payload.tensors, n
+    return payload.tensors, payload.num_examples

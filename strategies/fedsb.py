@@ -5,9 +5,11 @@ each client sends r² numbers per module whatever the number of clients.
 
 LoRA-SB initialises A, B and R from a truncated SVD of an approximate first full-weight
 update, ΔW ≈ -η ∇W. Here that gradient is federated: each client computes it on its
-own data and sends it (under DP when DP is on); the server takes the data-weighted
-mean and the SVD. No data leaves a client and none is pooled (the public Fed-SB code
-computes it centrally on the union of all clients' data).
+own data and sends a rank-r sketch of it, U_k S_k and V_k from a truncated SVD, which
+costs r (d_out + d_in) numbers per module instead of d_out d_in; the server takes the
+data-weighted mean of the sketches, Σ p_k U_k S_k V_kᵀ, and its truncated SVD. No data
+leaves a client and none is pooled (the public Fed-SB code computes the gradient
+centrally on the union of all clients' data).
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, weighted_mean, weights, with_rank
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, weights, with_rank
 
-GRAD_SUFFIX = ".grad"
+GRAD_U = ".grad_us"  # U_k S_k: d_out x r
+GRAD_V = ".grad_v"  # V_k: d_in x r
+
+
+def sketch_gradient(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The client's rank-r sketch of its gradient: (U S, V) with grad ≈ (U S) Vᵀ."""
+    u, s, vh = torch.linalg.svd(grad.to(torch.float64), full_matrices=False)
+    k = min(rank, s.shape[0])
+    return (u[:, :k] * s[:k]).to(torch.float32), vh[:k].T.contiguous().to(torch.float32)
 
 
 class FedSB(AdapterStrategy):
@@ -46,15 +56,30 @@ class FedSB(AdapterStrategy):
         return {n: t for n, t in global_state.items() if role_of(n) == ROLE_HEAD}
 
     def expected_init_shapes(self) -> dict[str, Shape]:
-        return {f"{m}{GRAD_SUFFIX}": shape for m, shape in self.module_shapes.items()}
+        r = self.spec.rank
+        shapes: dict[str, Shape] = {}
+        for m, (d_out, d_in) in self.module_shapes.items():
+            shapes[f"{m}{GRAD_U}"] = (d_out, min(r, d_out, d_in))
+            shapes[f"{m}{GRAD_V}"] = (d_in, min(r, d_out, d_in))
+        return shapes
+
+    def init_reply(self, grads: dict[str, torch.Tensor]) -> State:
+        """What a client sends for the initialisation: a sketch of each module's gradient."""
+        out = {}
+        for m, g in grads.items():
+            out[f"{m}{GRAD_U}"], out[f"{m}{GRAD_V}"] = sketch_gradient(g, self.spec.rank)
+        return out
 
     def initialize(self, global_state: State, grads: Sequence[ClientUpdate]) -> State:
-        """A, B, R0 from the truncated SVD of -η * (data-weighted mean gradient)."""
+        """A, B, R0 from the truncated SVD of -η * (data-weighted mean of the gradient sketches)."""
         ws = weights(grads)
         r, s = self.spec.rank, self.spec.scaling
         state = dict(global_state)
         for m in self.module_shapes:
-            g = weighted_mean([u.state[f"{m}{GRAD_SUFFIX}"] for u in grads], ws).to(torch.float64)
+            g = sum(
+                w * (u.state[f"{m}{GRAD_U}"].to(torch.float64) @ u.state[f"{m}{GRAD_V}"].to(torch.float64).T)
+                for u, w in zip(grads, ws)
+            )
             u_mat, sing, vh = torch.linalg.svd(-self.init_step * g, full_matrices=False)
             state[f"{m}.{ROLE_B}.weight"] = u_mat[:, :r].contiguous().to(torch.float32)
             state[f"{m}.{ROLE_A}.weight"] = vh[:r].contiguous().to(torch.float32)

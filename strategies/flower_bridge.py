@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+
+import torch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -54,11 +56,11 @@ class FlowerStrategy(Strategy):
         max_update_bytes: int = wire.DEFAULT_MAX_BYTES,
     ):
         self.strategy = strategy
-        self.global_state = global_state
         self.run_config_json = run_config_json
         self.fraction = fraction
         self.seed = seed
         self.wire_dtype = wire_dtype
+        self._set_global(global_state)
         self.max_update_bytes = max_update_bytes
         self.stats = RoundStats()
         self.init_stats: RoundStats | None = None
@@ -76,7 +78,15 @@ class FlowerStrategy(Strategy):
         return Message(content=RecordDict({RECORD: record}), message_type=MessageType.TRAIN, dst_node_id=node_id)
 
     def _encode_down(self, tensors: State, server_round: int) -> bytes:
-        return wire.encode(tensors, {"kind": "global", "round": server_round, "strategy": self.strategy.name})
+        return wire.encode(
+            tensors, kind="global", strategy=self.strategy.name, round_num=server_round, wire_dtype=self.wire_dtype
+        )
+
+    def _set_global(self, state: State) -> None:
+        """Keep the global state exactly representable in the wire dtype, so that what
+        clients receive (frozen A in FFA-LoRA, say) is bit-identical to the server's copy."""
+        dtype = wire.WIRE_DTYPES[self.wire_dtype]
+        self.global_state = {n: t.to(dtype).to(t.dtype) for n, t in state.items()} if dtype != torch.float32 else state
 
     # ----- Fed-SB's federated initialisation ----------------------------------------------
     def configure_init(self, grid: Grid) -> list[Message]:
@@ -88,11 +98,11 @@ class FlowerStrategy(Strategy):
     def aggregate_init(self, replies: Iterable[Message]) -> bool:
         """Build the initial adapters from the clients' gradients; False when none was valid."""
         stats = self.init_stats
-        grads = self._valid_updates(0, replies, self.strategy.expected_init_shapes(), stats, check=False)
+        grads = self._valid_updates(0, replies, self.strategy.expected_init_shapes(), stats, check=False, kind="init")
         stats.clients = len(grads)
         if not grads:
             return False
-        self.global_state = self.strategy.initialize(self.global_state, [u for u, _ in grads])
+        self._set_global(self.strategy.initialize(self.global_state, [u for u, _ in grads]))
         return True
 
     # ----- Flower's Strategy API ----------------------------------------------------------
@@ -119,7 +129,7 @@ class FlowerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         expected = self.strategy.expected_update_shapes(self.global_state)
-        valid = self._valid_updates(server_round, replies, expected, self.stats, check=True)
+        valid = self._valid_updates(server_round, replies, expected, self.stats, check=True, kind="update")
         updates = [u for u, _ in valid]
         self.stats.clients = len(updates)
         losses = [(m.get("loss"), u.num_examples) for u, m in valid if m is not None and "loss" in m]
@@ -127,7 +137,7 @@ class FlowerStrategy(Strategy):
         if not updates:
             return None, None
         result = self.strategy.aggregate(self.global_state, updates, server_round)
-        self.global_state = result.state
+        self._set_global(result.state)
         self.stats.aggregation_error = result.error
         total = sum(n for _, n in losses)
         self.stats.train_loss = sum(float(l) * n for l, n in losses) / total if total else None
@@ -135,7 +145,13 @@ class FlowerStrategy(Strategy):
         return None, metrics
 
     def _valid_updates(
-        self, server_round: int, replies: Iterable[Message], expected: dict[str, Shape], stats: RoundStats, check: bool
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        expected: dict[str, Shape],
+        stats: RoundStats,
+        check: bool,
+        kind: str,
     ) -> list[tuple[ClientUpdate, MetricRecord | None]]:
         valid = []
         for reply in replies:
@@ -155,7 +171,7 @@ class FlowerStrategy(Strategy):
                 blob = record["payload"]
                 stats.bytes_up += len(blob)
                 tensors, n = wire.decode_update(
-                    blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes
+                    blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes, kind=kind
                 )
                 if check:
                     self.strategy.check_update(tensors)

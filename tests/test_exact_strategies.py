@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fedlora.adapters import LoRASpec, adapter_state, inject_lora, lora_modules, reshape_adapters, set_trainable
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import ClientUpdate, lora_deltas, merged_deltas
-from fedlora.strategies.fedsb import GRAD_SUFFIX
+from fedlora.strategies.fedsb import sketch_gradient
 
 SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"))
 SIZES = [30, 10, 20]
@@ -78,6 +78,15 @@ def global_update_error(strategy, model, old_state, new_state, client_deltas) ->
     return (num / den) ** 0.5
 
 
+def client_gradient(strategy, k: int) -> dict[str, torch.Tensor]:
+    """A stand-in full-weight gradient of rank <= SPEC.rank, so the sketch loses nothing."""
+    g = torch.Generator().manual_seed(k)
+    return {
+        m: torch.randn(d_out, SPEC.rank, generator=g) @ torch.randn(SPEC.rank, d_in, generator=g)
+        for m, (d_out, d_in) in strategy.module_shapes.items()
+    }
+
+
 def setup_strategy(name, tiny_bert):
     strategy = make_strategy(name, SPEC, init_step=INIT_STEP)
     inject_lora(tiny_bert, strategy.spec)
@@ -86,10 +95,7 @@ def setup_strategy(name, tiny_bert):
         m.reset_adapter()
     state = strategy.setup(adapter_state(tiny_bert))
     if strategy.needs_init:
-        grads = []
-        for k, n in enumerate(SIZES):
-            g = torch.Generator().manual_seed(k)
-            grads.append(ClientUpdate(k, {f"{m}{GRAD_SUFFIX}": torch.randn(shape, generator=g) for m, shape in strategy.module_shapes.items()}, n))
+        grads = [ClientUpdate(k, strategy.init_reply(client_gradient(strategy, k)), n) for k, n in enumerate(SIZES)]
         state = strategy.initialize(state, grads)
     return strategy, state
 
@@ -129,8 +135,8 @@ def test_fedsb_initialisation_is_the_truncated_svd_of_the_mean_gradient(tiny_ber
     strategy, state = setup_strategy("fedsb", tiny_bert)
     module = next(iter(strategy.module_shapes))
     total = sum(SIZES)
-    g = sum(torch.randn(strategy.module_shapes[module], generator=torch.Generator().manual_seed(k)) * n / total for k, n in enumerate(SIZES))
-    target = -INIT_STEP * g.double()
+    g = sum(client_gradient(strategy, k)[module].double() * n / total for k, n in enumerate(SIZES))
+    target = -INIT_STEP * g
     u, s, vh = torch.linalg.svd(target)
     best = (u[:, :4] * s[:4]) @ vh[:4]
     got = lora_deltas({k: v for k, v in state.items() if k.startswith(module)}, SPEC.alpha)[module]
@@ -147,3 +153,11 @@ def test_flora_catch_up_sends_every_missed_round(tiny_bert):
     assert rounds == {"2", "3"}
     assert {n.split(".")[1] for n in strategy.catch_up(state, None)} == {"1", "2", "3"}
     assert strategy.catch_up(state, 3) == {}
+
+
+def test_gradient_sketch_is_the_best_rank_r_approximation():
+    g = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
+    us, v = sketch_gradient(g, 4)
+    assert us.shape == (20, 4) and v.shape == (12, 4)
+    u, s, vh = torch.linalg.svd(g)
+    torch.testing.assert_close(us @ v.T, (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,169 @@
+"""All four strategies on the same split and budget: accuracy against bytes.
+
+    python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--out DIR]
+
+Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
+same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
+../shared/data/sst2 when that folder exists. Prints, per data set, a table of final
+accuracy, bytes up and down (measured on the serialized payloads, the one-off costs
+such as Fed-SB's initialisation included), bytes to first reach the target accuracy,
+and the ratio of total bytes against FedAvg; writes a plot of accuracy against
+cumulative bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
+SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+# A small head (the classifier) and LoRA on BERT's pooler, so that the adapter payload,
+# the part the strategies differ in, is what the bytes measure.
+COMMON = {
+    "target_modules": ["query", "value", "pooler.dense"],
+    "head_modules": ["classifier"],
+    "rank": 16,
+    "lora_alpha": 32.0,
+    "clients": 4,
+    "partition": "dirichlet",
+    "alpha": 1.0,
+    "local_steps": 8,
+    "batch_size": 16,
+    "max_length": 64,
+    "seed": 0,
+}
+# Learning rates per strategy: those that train fewer parameters take larger steps.
+LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 1e-2}
+
+
+def sst2_files(tmp: Path) -> dict | None:
+    """SST-2's `label sentence` lines as JSONL in a temporary folder (nothing copied into the tree)."""
+    if not SHARED_SST2.is_dir():
+        return None
+    out = {}
+    for split in ("train", "dev"):
+        rows = []
+        for line in (SHARED_SST2 / f"{split}.txt").read_text().splitlines():
+            label, _, text = line.partition(" ")
+            if text:
+                rows.append(json.dumps({"text": text, "label": int(label)}))
+        path = tmp / f"sst2-{split}.jsonl"
+        path.write_text("\n".join(rows) + "\n")
+        out[split] = str(path)
+    return {"data": out["train"], "eval_data": out["dev"], "eval_max_examples": 0}
+
+
+def run_strategy(strategy: str, settings: dict, out_dir: Path) -> tuple[list[dict], dict]:
+    cfg_path = out_dir.with_suffix(".toml")
+    lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    cfg_path.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy, "--lr", str(LR[strategy]), "--out", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{strategy} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return metrics, summary
+
+
+def bytes_to_target(metrics: list[dict], summary: dict, target: float) -> int | None:
+    total = summary["init_bytes_up"] + summary["init_bytes_down"]
+    for m in metrics:
+        total += m["bytes_up"] + m["bytes_down"]
+        if m["accuracy"] >= target:
+            return total
+    return None
+
+
+def mb(n: int | None) -> str:
+    return "not reached" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path) -> str:
+    base_total = sum(results["fedavg"][1][k] for k in ("bytes_up_total", "bytes_down_total"))
+    base_round = results["fedavg"][0][-1]["bytes_up"] + results["fedavg"][0][-1]["bytes_down"]
+    rows = [
+        f"### {name} (target accuracy {target:.2f})",
+        "",
+        "| strategy | final accuracy | bytes up | bytes down | bytes to target | FedAvg bytes / bytes (total) | FedAvg bytes / bytes (last round) | mean aggregation error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for strategy, (metrics, summary) in results.items():
+        total = summary["bytes_up_total"] + summary["bytes_down_total"]
+        last = metrics[-1]["bytes_up"] + metrics[-1]["bytes_down"]
+        err = sum(m["aggregation_error"] or 0.0 for m in metrics) / len(metrics)
+        rows.append(
+            f"| {strategy} | {summary['final_accuracy']:.4f} | {mb(summary['bytes_up_total'])} | {mb(summary['bytes_down_total'])}"
+            f" | {mb(bytes_to_target(metrics, summary, target))} | {base_total / total:.1f}x | {base_round / last:.1f}x | {err:.1e} |"
+        )
+    plot(results, plot_path, name)
+    return "\n".join(rows)
+
+
+def plot(results: dict[str, tuple[list[dict], dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, (metrics, summary) in results.items():
+        total = summary["init_bytes_up"] + summary["init_bytes_down"]
+        xs, ys = [], []
+        for m in metrics:
+            total += m["bytes_up"] + m["bytes_down"]
+            xs.append(total / 1e6)
+            ys.append(m["accuracy"])
+        ax.plot(xs, ys, "o-", label=strategy)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative MB (up + down, initialisation included)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="bbc,sst2")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--out", default="runs/strategy-benchmark")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    strategies = [s for s in args.strategies.split(",") if s]
+    if "fedavg" not in strategies:
+        strategies.insert(0, "fedavg")  # the baseline of every ratio
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets = {}
+        if "bbc" in args.datasets:
+            datasets["bbc"] = ({}, 0.90)
+        if "sst2" in args.datasets:
+            sst2 = sst2_files(Path(tmp))
+            if sst2 is None:
+                print(f"SST-2 not found at {SHARED_SST2}: skipped")
+            else:
+                datasets["sst2"] = (sst2, 0.80)
+        for name, (data_settings, target) in datasets.items():
+            settings = {**COMMON, "rounds": args.rounds, **data_settings}
+            results = {}
+            for strategy in strategies:
+                print(f"[{name}] running {strategy} ...", flush=True)
+                results[strategy] = run_strategy(strategy, settings, out / f"{name}-{strategy}")
+            table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png")
+            (out / f"{name}-table.md").write_text(table + "\n")
+            print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
