@@ -78,7 +78,10 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_local(
         net, tokenizer, local, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length, seed=seed
     )
-    blob = wire.encode_update(adapter_state(net, strategy.sent_roles), **header)
+    update = adapter_state(net, strategy.sent_roles)
+    if pid in cfg.poison_clients:  # a simulated attacker: its honest change, scaled up
+        update = {n: state[n] + cfg.poison_scale * (t - state[n]) if n in state else cfg.poison_scale * t for n, t in update.items()}
+    blob = wire.encode_update(update, **header)
     metrics = MetricRecord(
         {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples}
     )

@@ -45,6 +45,13 @@ class RunConfig:
     max_length: int = 64
     init_batches: int = 4  # Fed-SB: batches each client uses for the initialisation gradient
     wire_dtype: str = "fp32"
+    max_update_mb: int = 64  # larger client payloads are rejected unread
+    # robust aggregation: updates with norm > multiple x the round's median are clipped or rejected (0: off)
+    robust_norm_multiple: float = 0.0
+    robust_mode: str = "clip"
+    # simulation only: clients (by partition id) that send a poisoned update, g + scale * (u - g)
+    poison_clients: tuple[int, ...] = ()
+    poison_scale: float = 20.0
     eval_batch_size: int = 64
     eval_max_examples: int = 0  # 0: the whole held-out split
     out: str | None = None
@@ -92,6 +99,12 @@ class RunConfig:
             raise UserError("--ranks (one rank per client) needs --strategy flora; use --rank otherwise")
         if self.wire_dtype not in ("fp32", "fp16", "bf16"):
             raise UserError(f"unknown wire dtype {self.wire_dtype!r}: choose from fp32, fp16, bf16")
+        if self.robust_mode not in ("clip", "reject"):
+            raise UserError(f"unknown robust mode {self.robust_mode!r}: choose clip or reject")
+        if self.robust_norm_multiple < 0:
+            raise UserError(f"robust-norm-multiple must be >= 0, got {self.robust_norm_multiple}")
+        if self.max_update_mb < 1:
+            raise UserError(f"max-update-mb must be >= 1, got {self.max_update_mb}")
         if not self.target_modules:
             raise UserError("target-modules must name at least one module")
 

@@ -39,7 +39,15 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
     strategy = make_strategy(cfg.strategy, spec, init_step=cfg.lr)
     global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed))
     bridge = FlowerStrategy(
-        strategy, global_state, json.dumps(cfg.to_dict()), fraction=cfg.fraction, seed=cfg.seed, wire_dtype=cfg.wire_dtype
+        strategy,
+        global_state,
+        json.dumps(cfg.to_dict()),
+        fraction=cfg.fraction,
+        seed=cfg.seed,
+        wire_dtype=cfg.wire_dtype,
+        max_update_bytes=cfg.max_update_mb * 1024 * 1024,
+        robust_multiple=cfg.robust_norm_multiple,
+        robust_mode=cfg.robust_mode,
     )
     test = splits.test
     if 0 < cfg.eval_max_examples < len(test):  # a seeded random slice, not the first (one-label) rows
@@ -67,6 +75,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
             "clients": s.clients,
             "sampled": len(s.sampled),
             "rejected": s.rejected,
+            "clipped": s.clipped,
             "failed": s.failed,
             "bytes_up": s.bytes_up,
             "bytes_down": s.bytes_down,

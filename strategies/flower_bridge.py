@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora import wire
 from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected
+from fedlora.strategies.robust import screen_updates
 
 log = logging.getLogger("fedlora")
 
@@ -37,6 +38,7 @@ class RoundStats:
     clients: int = 0
     rejected: int = 0
     failed: int = 0
+    clipped: int = 0
     aggregation_error: float | None = None
     train_loss: float | None = None
     train_seconds: float = 0.0  # summed over clients: local training alone
@@ -54,6 +56,8 @@ class FlowerStrategy(Strategy):
         seed: int = 0,
         wire_dtype: str = "fp32",
         max_update_bytes: int = wire.DEFAULT_MAX_BYTES,
+        robust_multiple: float = 0.0,
+        robust_mode: str = "clip",
     ):
         self.strategy = strategy
         self.run_config_json = run_config_json
@@ -62,6 +66,8 @@ class FlowerStrategy(Strategy):
         self.wire_dtype = wire_dtype
         self._set_global(global_state)
         self.max_update_bytes = max_update_bytes
+        self.robust_multiple = robust_multiple
+        self.robust_mode = robust_mode
         self.stats = RoundStats()
         self.init_stats: RoundStats | None = None
         self.synced: dict[int, int] = {}  # node -> last round whose state it holds
@@ -130,7 +136,13 @@ class FlowerStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         expected = self.strategy.expected_update_shapes(self.global_state)
         valid = self._valid_updates(server_round, replies, expected, self.stats, check=True, kind="update")
-        updates = [u for u, _ in valid]
+        screened = screen_updates(self.global_state, [u for u, _ in valid], self.robust_multiple, self.robust_mode)
+        for update, reason in screened.rejected:
+            self.stats.rejected += 1
+            self.stats.reasons.append(f"client {update.client_id}: {reason}")
+            log.warning("rejected update from client %s in round %d: %s", update.client_id, server_round, reason)
+        self.stats.clipped = screened.clipped
+        updates = screened.kept
         self.stats.clients = len(updates)
         losses = [(m.get("loss"), u.num_examples) for u, m in valid if m is not None and "loss" in m]
         self.stats.train_seconds = sum(float(m.get("train-seconds", 0.0)) for _, m in valid if m is not None)
