@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sim = sub.add_parser("simulate", help="run a federated simulation on this machine")
     _add_run_options(sim)
+    sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved settings)")
     return parser
 
 
@@ -61,7 +62,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     if args.config:
         cfg.update(load_toml(args.config))
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command") and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "resume") and v is not None}
     cfg.update(flags)
     cfg.validate()
     return cfg
@@ -71,9 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":
-            from fedlora.simulation import simulate
+            from fedlora.simulation import resume_config, simulate
 
-            out = simulate(run_config_from_args(args))
+            if args.resume:
+                if not args.out:
+                    raise UserError("--resume needs --out: the folder of the run to continue")
+                out = simulate(resume_config(args.out), resume=True)
+            else:
+                out = simulate(run_config_from_args(args))
             print(f"done: outputs in {out}")
         return 0
     except UserError as exc:

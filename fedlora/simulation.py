@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedlora.config import RunConfig
+from fedlora.errors import UserError
 from fedlora.models import resolve_model_path
 from fedlora.task import load_splits
 
@@ -33,7 +34,22 @@ def quiet_flower() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def simulate(cfg: RunConfig, progress=print) -> Path:
+def resume_config(out: str) -> RunConfig:
+    """The configuration a run in ``out`` was started with."""
+    import json
+
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise UserError(f"nothing to resume in {out}: no config.json")
+    try:
+        cfg = RunConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"unreadable {path}: {exc}") from None
+    cfg.out = out
+    return cfg
+
+
+def simulate(cfg: RunConfig, progress=print, resume: bool = False) -> Path:
     from flwr.simulation import run_simulation
 
     from fedlora.client.app import app as client_app
@@ -56,7 +72,7 @@ def simulate(cfg: RunConfig, progress=print) -> Path:
         },
     }
     run_simulation(
-        server_app=make_server_app(cfg, out_dir, progress),
+        server_app=make_server_app(cfg, out_dir, progress, resume),
         client_app=client_app,
         num_supernodes=cfg.clients,
         backend_config=backend_config,

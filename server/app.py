@@ -14,7 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.config import RunConfig
 from fedlora.export import export_peft_adapter
 from fedlora.models import model_display_name
-from fedlora.report import append_metrics, plot_report, read_metrics, write_json_atomic
+from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
 from fedlora.strategies import make_strategy
 from fedlora.strategies.flower_bridge import FlowerStrategy
 from fedlora.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
@@ -25,12 +26,19 @@ log = logging.getLogger("fedlora")
 REPLY_TIMEOUT_S = 3600.0
 
 
-def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) -> dict:
-    """Run every round against the clients reachable through ``grid``; write the outputs."""
+def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, resume: bool = False) -> dict:
+    """Run every round against the clients reachable through ``grid``; write the outputs.
+
+    With ``resume``, continue from the last checkpoint in ``out_dir``.
+    """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    checkpoint = load_checkpoint(out_dir) if resume else None
+    done = checkpoint[1]["round"] if checkpoint else 0
+    # keep exactly the rounds the checkpoint holds: a crash may have logged one more
+    kept = [m for m in read_metrics(metrics_path) if m["round"] <= done] if checkpoint else []
+    write_lines_atomic(metrics_path, [json.dumps(m) for m in kept])
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
 
     splits = load_splits(cfg)
@@ -38,6 +46,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
     spec = lora_spec(cfg)
     strategy = make_strategy(cfg.strategy, spec, init_step=cfg.lr)
     global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed))
+    if checkpoint:
+        global_state = checkpoint[0]
+        progress(f"resuming {out_dir} after round {done}")
     bridge = FlowerStrategy(
         strategy,
         global_state,
@@ -54,10 +65,12 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
         test = test.subset(sorted(random.Random(cfg.seed).sample(range(len(test)), cfg.eval_max_examples)))
 
     wait_for_nodes(grid, min_nodes=cfg.clients)
-    init = {"bytes_up": 0, "bytes_down": 0}
-    if strategy.needs_init:
+    init = checkpoint[1]["init"] if checkpoint else {"bytes_up": 0, "bytes_down": 0}
+    elapsed_before = checkpoint[1]["seconds"] if checkpoint else 0.0
+    if strategy.needs_init and not checkpoint:
         init = federated_init(grid, bridge, progress)
-    for rnd in range(1, cfg.rounds + 1):
+        save_checkpoint(out_dir, bridge.global_state, {"round": 0, "init": init, "seconds": time.perf_counter() - start, "seed": cfg.seed})
+    for rnd in range(done + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(bridge.configure_train(rnd, None, None, grid), timeout=REPLY_TIMEOUT_S)
         bridge.aggregate_train(rnd, replies)
@@ -86,6 +99,11 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
             "seconds": time.perf_counter() - t0,
         }
         append_metrics(metrics_path, record)
+        save_checkpoint(
+            out_dir,
+            bridge.global_state,
+            {"round": rnd, "init": init, "seconds": elapsed_before + time.perf_counter() - start, "seed": cfg.seed},
+        )
         progress(
             f"round {rnd}/{cfg.rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}  clients {s.clients}"
             f"  rejected {s.rejected}  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB"
@@ -109,7 +127,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print) ->
         "init_bytes_up": init["bytes_up"],
         "init_bytes_down": init["bytes_down"],
         "epsilon": None,
-        "seconds": time.perf_counter() - start,
+        "seconds": elapsed_before + time.perf_counter() - start,
+        "resumed_after_round": done if checkpoint else None,
     }
     write_json_atomic(out_dir / "summary.json", summary)
     if metrics:
@@ -144,11 +163,11 @@ def wait_for_nodes(grid: Grid, min_nodes: int, poll_s: float = 1.0) -> None:
         waited += poll_s
 
 
-def make_server_app(cfg: RunConfig, out_dir: Path, progress=print) -> ServerApp:
+def make_server_app(cfg: RunConfig, out_dir: Path, progress=print, resume: bool = False) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir, progress)
+        run_federation(grid, cfg, out_dir, progress, resume)
 
     return app
