@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated simulation on this machine")
     _add_run_options(sim)
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved settings)")
+    exp = sub.add_parser("export", help="export a run's adapter (PEFT format) or merged model")
+    exp.add_argument("run_dir", help="a fedlora run folder")
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--merge", action="store_true", help="write a full model with the adapter merged in")
+    ev = sub.add_parser("eval", help="accuracy and loss of a run, adapter or model on a labelled file")
+    ev.add_argument("path", help="a fedlora run folder, a PEFT adapter folder or a model folder")
+    ev.add_argument("--data", required=True, help="JSONL, CSV, TSV, Parquet file or datasets folder")
+    ev.add_argument("--text-column", default="text")
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--batch-size", type=int, default=64)
     return parser
 
 
@@ -81,6 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 out = simulate(run_config_from_args(args))
             print(f"done: outputs in {out}")
+        elif args.command == "export":
+            from fedlora.export import export_run
+
+            print(f"wrote {export_run(args.run_dir, args.out, args.merge)}")
+        elif args.command == "eval":
+            from fedlora.evaluation import evaluate_path
+
+            accuracy, loss, n = evaluate_path(args.path, args.data, args.text_column, args.label_column, args.batch_size)
+            print(f"accuracy {accuracy:.4f}  loss {loss:.4f}  examples {n}")
         return 0
     except UserError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)

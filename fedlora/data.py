@@ -55,6 +55,7 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error says it
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file not found: {path}")

@@ -41,3 +41,22 @@ def export_peft_adapter(state: dict[str, torch.Tensor], scaling: float, cfg: Run
     tensors = {PEFT_PREFIX + n: t.detach().to("cpu", torch.float32).contiguous() for n, t in state.items()}
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
+    """A run's latest global state as a PEFT adapter folder, or with ``merge`` as a full
+    model folder that ``transformers`` loads on its own."""
+    from fedlora.adapters import merge_lora
+    from fedlora.models import load_tokenizer
+    from fedlora.runs import load_run
+
+    run = load_run(run_dir)
+    out_dir = Path(out_dir)
+    if not merge:
+        return export_peft_adapter(*run.strategy.export_adapter(run.state), run.cfg, out_dir)
+    net = run.model()
+    merge_lora(net)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(str(out_dir))
+    load_tokenizer(run.cfg.model).save_pretrained(str(out_dir))
+    return out_dir

@@ -37,14 +37,16 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_classifier(model: str | None, num_labels: int) -> nn.Module:
-    """A sequence-classification model on the base weights; the head is freshly initialised."""
+def load_classifier(model: str | None, num_labels: int | None) -> nn.Module:
+    """A sequence-classification model on the base weights; a missing head is freshly
+    initialised (``num_labels=None``: keep the folder's own head)."""
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     path = resolve_model_path(model)
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
     try:
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        net = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
     net.eval()

@@ -69,7 +69,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     elapsed_before = checkpoint[1]["seconds"] if checkpoint else 0.0
     if strategy.needs_init and not checkpoint:
         init = federated_init(grid, bridge, progress)
-        save_checkpoint(out_dir, bridge.global_state, {"round": 0, "init": init, "seconds": time.perf_counter() - start, "seed": cfg.seed})
+        save_checkpoint(out_dir, bridge.global_state, {"round": 0, "init": init, "seconds": time.perf_counter() - start, "seed": cfg.seed, "labels": splits.label_names})
     for rnd in range(done + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(bridge.configure_train(rnd, None, None, grid), timeout=REPLY_TIMEOUT_S)
@@ -102,7 +102,13 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         save_checkpoint(
             out_dir,
             bridge.global_state,
-            {"round": rnd, "init": init, "seconds": elapsed_before + time.perf_counter() - start, "seed": cfg.seed},
+            {
+                "round": rnd,
+                "init": init,
+                "seconds": elapsed_before + time.perf_counter() - start,
+                "seed": cfg.seed,
+                "labels": splits.label_names,
+            },
         )
         progress(
             f"round {rnd}/{cfg.rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}  clients {s.clients}"

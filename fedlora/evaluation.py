@@ -1,0 +1,65 @@
+"""``fedlora eval``: a run folder, a PEFT adapter folder or a merged model folder, on a labelled file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from fedlora.data import TextDataset, load_text_file
+from fedlora.errors import UserError
+
+
+def load_for_eval(path: str | Path) -> tuple[nn.Module, object, list[str] | None, int]:
+    """(model, tokenizer, label names or None, max_length) for any of the three folder kinds."""
+    from fedlora.models import load_classifier, load_tokenizer
+    from fedlora.runs import is_run_dir, load_run
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"not a folder: {path}")
+    if is_run_dir(path):
+        run = load_run(path)
+        return run.model(), load_tokenizer(run.cfg.model), run.labels, run.cfg.max_length
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+            weights = load_file(str(path / "adapter_model.safetensors"))
+        except Exception as exc:
+            raise UserError(f"unreadable adapter in {path}: {exc}") from None
+        heads = [t for n, t in weights.items() if n.endswith("classifier.weight") or n.endswith("score.weight")]
+        if not heads:
+            raise UserError(f"adapter in {path} has no classification head")
+        base = config.get("base_model_name_or_path")
+        model = PeftModel.from_pretrained(load_classifier(base, heads[0].shape[0]), str(path))
+        return model.eval(), load_tokenizer(base), None, 128
+    if (path / "config.json").is_file():
+        model = load_classifier(str(path), None)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        return model, load_tokenizer(str(path)), labels, 128
+    raise UserError(f"{path} is neither a fedlora run, a PEFT adapter nor a model folder")
+
+
+def align_labels(data: TextDataset, model_labels: list[str] | None) -> TextDataset:
+    """Map the file's labels onto the model's label indices by name."""
+    if model_labels is None:
+        return data
+    index = {name: i for i, name in enumerate(model_labels)}
+    missing = sorted(set(data.label_names) - set(index))
+    if missing:
+        raise UserError(f"labels {missing} in the data are unknown to the model (it knows {model_labels})")
+    return TextDataset(data.texts, [index[data.label_names[y]] for y in data.labels], model_labels)
+
+
+def evaluate_path(path: str, data: str, text_column: str, label_column: str, batch_size: int = 64) -> tuple[float, float, int]:
+    from fedlora.training import evaluate
+
+    dataset = load_text_file(data, text_column, label_column)
+    model, tokenizer, labels, max_length = load_for_eval(path)
+    dataset = align_labels(dataset, labels)
+    accuracy, loss = evaluate(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length)
+    return accuracy, loss, len(dataset)

@@ -1,0 +1,60 @@
+"""A finished or interrupted run folder, loaded back: config, labels, strategy, global state, model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from fedlora.adapters import inject_lora
+from fedlora.checkpoint import load_checkpoint
+from fedlora.config import RunConfig
+from fedlora.errors import UserError
+from fedlora.models import load_classifier
+from fedlora.strategies import make_strategy
+from fedlora.strategies.base import AdapterStrategy, State
+from fedlora.task import initial_adapter_state, lora_spec
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: RunConfig
+    labels: list[str]
+    round: int
+    strategy: AdapterStrategy
+    state: State
+
+    def model(self) -> nn.Module:
+        """A fresh base model carrying this run's global state (merge history included)."""
+        net = load_classifier(self.cfg.model, len(self.labels))
+        inject_lora(net, self.strategy.client_spec())
+        self.strategy.materialize(net, self.state)
+        net.config.id2label = dict(enumerate(self.labels))
+        net.config.label2id = {name: i for i, name in enumerate(self.labels)}
+        return net
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "checkpoint.safetensors").is_file()
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"run folder not found: {path}")
+    if not is_run_dir(path):
+        raise UserError(f"{path} is not a fedlora run folder (needs config.json and checkpoint.safetensors)")
+    try:
+        cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"unreadable {path / 'config.json'}: {exc}") from None
+    state, meta = load_checkpoint(path)
+    labels = meta.get("labels")
+    if not labels:
+        raise UserError(f"checkpoint in {path} records no labels")
+    strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
+    strategy.setup(initial_adapter_state(cfg.model, len(labels), strategy.spec, cfg.seed))
+    return Run(path, cfg, list(labels), int(meta["round"]), strategy, state)
