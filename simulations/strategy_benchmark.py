@@ -59,11 +59,14 @@ def sst2_files(tmp: Path) -> dict | None:
     return {"data": out["train"], "eval_data": out["dev"], "eval_max_examples": 0}
 
 
-def run_strategy(strategy: str, settings: dict, out_dir: Path) -> tuple[list[dict], dict]:
+def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str = "fp32") -> tuple[list[dict], dict]:
     cfg_path = out_dir.with_suffix(".toml")
     lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     cfg_path.write_text("\n".join(lines) + "\n")
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy, "--lr", str(LR[strategy]), "--out", str(out_dir)]
+    cmd = [
+        sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy,
+        "--lr", str(LR[strategy]), "--wire-dtype", wire_dtype, "--out", str(out_dir),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -137,6 +140,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", default="runs/strategy-benchmark")
+    parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,10 @@ def main() -> int:
             for strategy in strategies:
                 print(f"[{name}] running {strategy} ...", flush=True)
                 results[strategy] = run_strategy(strategy, settings, out / f"{name}-{strategy}")
+            for dtype in [d for d in args.wire_dtypes.split(",") if d]:
+                for strategy in ("fedavg", "fedsb"):
+                    print(f"[{name}] running {strategy} with {dtype} on the wire ...", flush=True)
+                    results[f"{strategy} ({dtype})"] = run_strategy(strategy, settings, out / f"{name}-{strategy}-{dtype}", dtype)
             table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png")
             (out / f"{name}-table.md").write_text(table + "\n")
             print(table, flush=True)
