@@ -57,11 +57,15 @@ def weights(updates: Sequence[ClientUpdate]) -> list[float]:
     return [u.num_examples / total for u in updates]
 
 
-def weighted_mean(tensors: Sequence[torch.Tensor], ws: Sequence[float]) -> torch.Tensor:
+def weighted_mean_f64(tensors: Sequence[torch.Tensor], ws: Sequence[float]) -> torch.Tensor:
     out = torch.zeros_like(tensors[0], dtype=torch.float64)
     for t, w in zip(tensors, ws):
-        out += w * t.to(torch.float64)
-    return out.to(torch.float32)
+        out.add_(t, alpha=w)
+    return out
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], ws: Sequence[float]) -> torch.Tensor:
+    return weighted_mean_f64(tensors, ws).to(torch.float32)
 
 
 def lora_deltas(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -92,12 +96,30 @@ def mean_of_deltas(deltas: Sequence[Mapping[str, torch.Tensor]], ws: Sequence[fl
     return {k: sum(w * d[k] for d, w in zip(deltas, ws)) for k in deltas[0]}
 
 
-def mean_of_roles(global_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float]) -> State:
-    """The global state with every tensor the clients sent replaced by its weighted mean."""
-    new_state = dict(global_state)
-    for name in updates[0].state:
-        new_state[name] = weighted_mean([u.state[name] for u in updates], ws)
-    return new_state
+def exact_means(updates: Sequence[ClientUpdate], ws: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The weighted mean of every tensor the clients sent, in float64."""
+    return {name: weighted_mean_f64([u.state[name] for u in updates], ws) for name in updates[0].state}
+
+
+def gram_error(terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]) -> float:
+    """Relative Frobenius error of dense updates L·X·R against L·X*·R, computed in the small space.
+
+    Each term is (X stored, X* exact, LᵀL or None for the identity, R Rᵀ), per module:
+    ||L D R||² = tr(Dᵀ LᵀL D R Rᵀ), so no d_out x d_in product is ever formed.
+    """
+    num = den = 0.0
+    for stored, exact, gram_left, gram_right in terms:
+        diff = stored.to(torch.float64) - exact
+        for x, acc in ((diff, "num"), (exact, "den")):
+            left = x if gram_left is None else gram_left @ x
+            value = float(torch.sum((left @ gram_right) * x))
+            if acc == "num":
+                num += value
+            else:
+                den += value
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return max(num, 0.0) ** 0.5 / den**0.5
 
 
 def merged_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,9 +204,16 @@ class AdapterStrategy(ABC):
         """Combine the clients' updates into the next global state: by default the
         weighted mean of every tensor they sent, exact when the dense update is linear in it."""
         ws = weights(updates)
-        new_state = mean_of_roles(global_state, updates, ws)
+        means = exact_means(updates, ws)
+        new_state = {**global_state, **{n: t.to(torch.float32) for n, t in means.items()}}
+        return Aggregate(new_state, self.aggregation_error(global_state, new_state, updates, ws, means))
+
+    def aggregation_error(
+        self, global_state: State, new_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float], means: State
+    ) -> float:
+        """Relative error of the global dense update against Σ p_k ΔW_k, from the clients' own products."""
         target = self.exact_target(global_state, updates, ws)
-        return Aggregate(new_state, relative_error(lora_deltas(new_state, self.spec.alpha), target))
+        return relative_error(lora_deltas(new_state, self.spec.alpha), target)
 
     def export_adapter(self, global_state: State) -> tuple[State, float]:
         """The global state as one standard LoRA (A, B, head) and its scaling, for PEFT export."""

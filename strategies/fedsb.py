@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, weights, with_rank
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, gram_error, weights, with_rank
 
 GRAD_U = ".grad_us"  # U_k S_k: d_out x r
 GRAD_V = ".grad_v"  # V_k: d_in x r
@@ -50,6 +50,18 @@ class FedSB(AdapterStrategy):
         for m in self.module_shapes:
             state[f"{m}.{ROLE_R}.weight"] = torch.zeros(self.spec.rank, self.spec.rank)
         return state
+
+    def aggregation_error(
+        self, global_state: State, new_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float], means: State
+    ) -> float:
+        # Σ p_k s B R_k A = s B (Σ p_k R_k) A: compare in r x r space through the Gram matrices of B and A
+        terms = []
+        for m in self.module_shapes:
+            a = global_state[f"{m}.{ROLE_A}.weight"].to(torch.float64)
+            b = global_state[f"{m}.{ROLE_B}.weight"].to(torch.float64)
+            name = f"{m}.{ROLE_R}.weight"
+            terms.append((new_state[name], means[name], b.T @ b, a @ a.T))
+        return gram_error(terms)
 
     def init_request(self, global_state: State) -> State:
         """What clients need to compute the initialisation gradient: the head."""

@@ -35,3 +35,18 @@ def test_fedavg_is_exact_when_clients_agree():
     strategy = make_strategy("fedavg", SPEC)
     agg = strategy.aggregate(_state(0), [ClientUpdate(1, _state(5), 3), ClientUpdate(2, _state(5), 7)])
     assert agg.error < 1e-6
+
+
+def test_gram_error_equals_the_dense_relative_error():
+    from fedlora.strategies.base import gram_error
+
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    exact = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    stored = exact + 0.01 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    dense = relative_error({"m": b @ stored @ a}, {"m": b @ exact @ a})
+    assert abs(gram_error([(stored, exact, b.T @ b, a @ a.T)]) - dense) < 1e-10
+    x_exact = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    x_stored = x_exact + 0.01
+    dense = relative_error({"m": x_stored @ a}, {"m": x_exact @ a})
+    assert abs(gram_error([(x_stored, x_exact, None, a @ a.T)]) - dense) < 1e-10
