@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import wire
+from fedlora import privacy, wire
 from fedlora.adapters import adapter_state, reset_adapters, set_trainable
 from fedlora.config import RunConfig
 from fedlora.strategies import make_strategy
@@ -19,6 +21,7 @@ from fedlora.training import full_weight_gradients, train_local
 app = ClientApp()
 
 HELD = "fedlora-held"  # context.state record: tensors kept between rounds
+DP_STATE = "fedlora-dp"  # context.state record: this client's privacy accountant history
 
 
 def partition_id(context: Context) -> int:
@@ -46,6 +49,53 @@ def merge_held(context: Context, strategy: AdapterStrategy, received: State) -> 
     return {**held, **received}
 
 
+def dp_state_file(cfg: RunConfig, pid: int) -> Path | None:
+    """Where a simulated client keeps its accountant on disk, so that it outlives the
+    simulation process (a resumed run must not start anyone's budget afresh)."""
+    return Path(cfg.out) / "clients" / str(pid) / "privacy.json" if cfg.out else None
+
+
+def dp_history(context: Context, path: Path | None) -> privacy.History:
+    if path is not None and path.exists():
+        return [tuple(h) for h in json.loads(path.read_text())["history"]]
+    if DP_STATE in context.state.config_records:
+        return [tuple(h) for h in json.loads(context.state.config_records[DP_STATE]["history"])]
+    return []
+
+
+def save_dp_history(context: Context, path: Path | None, history: privacy.History) -> None:
+    text = json.dumps([list(h) for h in history])
+    context.state[DP_STATE] = ConfigRecord({"history": text})
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"history": json.loads(text)}))
+        os.replace(tmp, path)
+
+
+def dp_stats(dp: privacy.DPPlan | None, history: privacy.History) -> dict | None:
+    if dp is None:
+        return None
+    return {
+        "epsilon": privacy.epsilon_of(history, dp.delta),
+        "delta": dp.delta,
+        "noise_multiplier": dp.noise_multiplier,
+        "sample_rate": dp.sample_rate,
+        "steps": sum(h[2] for h in history),
+        "max_grad_norm": dp.clip,
+    }
+
+
+def epsilon_metric(dp: privacy.DPPlan | None, history: privacy.History) -> MetricRecord:
+    return MetricRecord({} if dp is None else {"epsilon": privacy.epsilon_of(history, dp.delta)})
+
+
+def decline(msg: Message, reason: str, epsilon: float) -> Message:
+    """A clear status instead of an update: this client would exceed its privacy budget."""
+    record = ConfigRecord({"declined": reason})
+    return Message(RecordDict({RECORD: record, "metrics": MetricRecord({"epsilon": epsilon})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     record = msg.content[RECORD]
@@ -64,25 +114,43 @@ def train(msg: Message, context: Context) -> Message:
     wire_dtype = str(record.get("wire_dtype", "fp32"))
     header = {"strategy": strategy.name, "round_num": round_num, "num_examples": len(local), "wire_dtype": wire_dtype}
 
-    if record.get("phase") == PHASE_INIT:
+    is_init = record.get("phase") == PHASE_INIT
+    dp_file = dp_state_file(cfg, pid)
+    dp, history = None, dp_history(context, dp_file)
+    if cfg.dp_epsilon is not None:
+        total = privacy.planned_steps(cfg.rounds, cfg.local_steps, cfg.init_batches if strategy.needs_init else 0)
+        dp = privacy.plan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, len(local), cfg.batch_size, total)
+        steps = cfg.init_batches if is_init else cfg.local_steps
+        if privacy.would_exceed(history, dp, steps):
+            spent = privacy.epsilon_of(history, cfg.dp_delta)
+            return decline(msg, f"privacy budget: {steps} more steps would exceed epsilon {cfg.dp_epsilon} (spent {spent:.3f})", spent)
+
+    if is_init:
         reset_adapters(net)  # no adapter effect: the gradient is the base model's
         strategy.materialize(net, state)
-        grads = full_weight_gradients(
-            net, tokenizer, local, batches=cfg.init_batches, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed
-        )
-        blob = wire.encode(strategy.init_reply(grads), kind="init", **header)
-        return Message(RecordDict({RECORD: ConfigRecord({"payload": blob})}), reply_to=msg)
+        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": seed}
+        if dp is None:
+            grads = full_weight_gradients(net, tokenizer, local, batches=cfg.init_batches, **kw)
+        else:
+            grads, history = privacy.private_gradients(net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, **kw)
+            save_dp_history(context, dp_file, history)
+        blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **header)
+        return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(dp, history)}), reply_to=msg)
 
     strategy.prepare_client_model(net, state, seed)
     set_trainable(net, strategy.trained_roles)
-    stats = train_local(
-        net, tokenizer, local, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length, seed=seed
-    )
+    kw = {"steps": cfg.local_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length, "seed": seed}
+    if dp is None:
+        stats = train_local(net, tokenizer, local, **kw)
+    else:
+        stats, history = privacy.private_train(net, tokenizer, local, dp=dp, history=history, **kw)
+        save_dp_history(context, dp_file, history)
     update = adapter_state(net, strategy.sent_roles)
     if pid in cfg.poison_clients:  # a simulated attacker: its honest change, scaled up
         update = {n: state[n] + cfg.poison_scale * (t - state[n]) if n in state else cfg.poison_scale * t for n, t in update.items()}
-    blob = wire.encode_update(update, **header)
+    blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)
     metrics = MetricRecord(
         {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples}
     )
+    metrics.update(epsilon_metric(dp, history))
     return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": metrics}), reply_to=msg)

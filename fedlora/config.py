@@ -49,6 +49,10 @@ class RunConfig:
     # robust aggregation: updates with norm > multiple x the round's median are clipped or rejected (0: off)
     robust_norm_multiple: float = 0.0
     robust_mode: str = "clip"
+    # differential privacy (sample-level DP-SGD on every client); None: off
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
     # simulation only: clients (by partition id) that send a poisoned update, g + scale * (u - g)
     poison_clients: tuple[int, ...] = ()
     poison_scale: float = 20.0
@@ -99,6 +103,12 @@ class RunConfig:
             raise UserError("--ranks (one rank per client) needs --strategy flora; use --rank otherwise")
         if self.wire_dtype not in ("fp32", "fp16", "bf16"):
             raise UserError(f"unknown wire dtype {self.wire_dtype!r}: choose from fp32, fp16, bf16")
+        if self.dp_epsilon is not None and self.dp_epsilon <= 0:
+            raise UserError(f"dp-epsilon must be > 0, got {self.dp_epsilon}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise UserError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_clip <= 0:
+            raise UserError(f"dp-clip must be > 0, got {self.dp_clip}")
         if self.robust_mode not in ("clip", "reject"):
             raise UserError(f"unknown robust mode {self.robust_mode!r}: choose clip or reject")
         if self.robust_norm_multiple < 0:

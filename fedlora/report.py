@@ -41,7 +41,9 @@ def plot_report(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rounds = [m["round"] for m in metrics]
-    fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    with_dp = any(m.get("epsilon") is not None for m in metrics)
+    fig, axes = plt.subplots(1, 3 if with_dp else 2, figsize=(15 if with_dp else 10, 4))
+    ax_acc, ax_bytes = axes[0], axes[1]
     ax_acc.plot(rounds, [m["accuracy"] for m in metrics], "o-", label="accuracy")
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("accuracy")
@@ -62,6 +64,11 @@ def plot_report(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     ax_bytes.set_xlabel("round")
     ax_bytes.set_ylabel("cumulative MB")
     ax_bytes.legend()
+    if with_dp:
+        ax_eps = axes[2]
+        ax_eps.plot(rounds, [m.get("epsilon") for m in metrics], "o-", color="tab:purple")
+        ax_eps.set_xlabel("round")
+        ax_eps.set_ylabel("worst client's epsilon")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

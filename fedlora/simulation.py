@@ -57,6 +57,7 @@ def simulate(cfg: RunConfig, progress=print, resume: bool = False) -> Path:
 
     check_inputs(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    cfg.out = str(out_dir)  # simulated clients keep their privacy accountants under it
     cpus = os.cpu_count() or 1
     progress(f"fedlora simulate: {cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds -> {out_dir}")
     quiet_flower()

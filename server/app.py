@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     checkpoint = load_checkpoint(out_dir) if resume else None
+    if not checkpoint:  # a fresh run: simulated clients' privacy accountants start empty
+        shutil.rmtree(out_dir / "clients", ignore_errors=True)
     done = checkpoint[1]["round"] if checkpoint else 0
     # keep exactly the rounds the checkpoint holds: a crash may have logged one more
     kept = [m for m in read_metrics(metrics_path) if m["round"] <= done] if checkpoint else []
@@ -93,7 +96,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
             "bytes_up": s.bytes_up,
             "bytes_down": s.bytes_down,
             "aggregation_error": s.aggregation_error,
-            "epsilon": None,
+            "declined": s.declined,
+            "epsilon": bridge.worst_epsilon,
             "train_seconds": s.train_seconds,
             "eval_seconds": time.perf_counter() - t_eval,
             "seconds": time.perf_counter() - t0,
@@ -113,7 +117,10 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         progress(
             f"round {rnd}/{cfg.rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}  clients {s.clients}"
             f"  rejected {s.rejected}  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB"
-            f"  agg-error {_fmt(s.aggregation_error)}  {record['seconds']:.1f}s"
+            f"  agg-error {_fmt(s.aggregation_error)}"
+            + (f"  epsilon {record['epsilon']:.3f}" if record["epsilon"] is not None else "")
+            + (f"  declined {s.declined}" if s.declined else "")
+            + f"  {record['seconds']:.1f}s"
         )
 
     metrics = read_metrics(metrics_path)
@@ -132,7 +139,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         "bytes_down_total": init["bytes_down"] + sum(m["bytes_down"] for m in metrics),
         "init_bytes_up": init["bytes_up"],
         "init_bytes_down": init["bytes_down"],
-        "epsilon": None,
+        "epsilon": bridge.worst_epsilon if cfg.dp_epsilon is not None else None,
+        "dp_epsilon_target": cfg.dp_epsilon,
         "seconds": elapsed_before + time.perf_counter() - start,
         "resumed_after_round": done if checkpoint else None,
     }

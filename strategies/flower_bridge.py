@@ -39,6 +39,7 @@ class RoundStats:
     rejected: int = 0
     failed: int = 0
     clipped: int = 0
+    declined: int = 0  # clients that declined: their privacy budget would be exceeded
     aggregation_error: float | None = None
     train_loss: float | None = None
     train_seconds: float = 0.0  # summed over clients: local training alone
@@ -71,6 +72,7 @@ class FlowerStrategy(Strategy):
         self.stats = RoundStats()
         self.init_stats: RoundStats | None = None
         self.synced: dict[int, int] = {}  # node -> last round whose state it holds
+        self.epsilons: dict[int, float] = {}  # node -> privacy spent so far, as it last reported
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
         k = max(1, int(round(self.fraction * len(node_ids))))
@@ -176,8 +178,15 @@ class FlowerStrategy(Strategy):
             # the node answered, so it holds this round's state whatever we make of its update
             if server_round > 0:
                 self.synced[node] = server_round - 1
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and "epsilon" in metrics:
+                self.epsilons[node] = float(metrics["epsilon"])
+            record = reply.content.config_records.get(RECORD)
+            if record is not None and "declined" in record:
+                stats.declined += 1
+                log.info("client %s declined round %d: %s", node, server_round, record["declined"])
+                continue
             try:
-                record = reply.content.config_records.get(RECORD)
                 if record is None or not isinstance(record.get("payload"), bytes):
                     raise wire.InvalidUpdate("reply carries no fedlora payload")
                 blob = record["payload"]
@@ -192,8 +201,13 @@ class FlowerStrategy(Strategy):
                 stats.reasons.append(f"client {node}: {exc}")
                 log.warning("rejected update from client %s in round %d: %s", node, server_round, exc)
                 continue
-            valid.append((ClientUpdate(node, tensors, n), reply.content.metric_records.get("metrics")))
+            valid.append((ClientUpdate(node, tensors, n), metrics))
         return valid
+
+    @property
+    def worst_epsilon(self) -> float | None:
+        """The largest privacy budget any client has spent so far (None without DP)."""
+        return max(self.epsilons.values()) if self.epsilons else None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # evaluation is central, on the coordinator's held-out split

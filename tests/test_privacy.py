@@ -1,0 +1,103 @@
+"""Differential privacy: accounting never exceeds the budget, DP steps really train,
+per-sample clipping matches a per-example reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlora import privacy
+from fedlora.adapters import LoRASpec, adapter_state, inject_lora, set_trainable
+from fedlora.data import TextDataset
+
+
+def test_budget_is_never_exceeded_and_the_extra_round_is_declined():
+    dp = privacy.plan(epsilon=3.0, delta=1e-5, clip=1.0, num_examples=500, batch_size=16, planned_steps=5 * 8)
+    history: privacy.History = []
+    epsilons = []
+    for _ in range(5):
+        assert not privacy.would_exceed(history, dp, 8)
+        history = privacy.with_steps(history, dp, 8)
+        epsilons.append(privacy.epsilon_of(history, dp.delta))
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:]))
+    assert epsilons[-1] <= 3.0 and epsilons[-1] > 2.5  # the plan spends (almost) all of it
+    assert privacy.would_exceed(history, dp, 8)  # a sixth round would go over: declined
+
+
+def test_epsilon_matches_an_independent_opacus_accountant():
+    from opacus.accountants import RDPAccountant
+
+    dp = privacy.plan(epsilon=1.0, delta=1e-5, clip=1.0, num_examples=300, batch_size=10, planned_steps=60)
+    history = privacy.with_steps(privacy.with_steps([], dp, 20), dp, 20)
+    reference = RDPAccountant()
+    for _ in range(40):
+        reference.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
+    assert privacy.epsilon_of(history, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+
+
+class TinyTokenizer:
+    """Word-hash tokenizer with the call signature fedlora uses; enough for a tiny BERT."""
+
+    def __call__(self, texts, truncation=True, max_length=8, padding="max_length", return_tensors="pt"):
+        ids = [[1 + hash(w) % 99 for w in t.split()][:max_length] for t in texts]
+        ids = [row + [0] * (max_length - len(row)) for row in ids]
+        ids = torch.tensor(ids)
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+
+def test_a_dp_step_really_changes_the_adapter(tiny_bert):
+    inject_lora(tiny_bert, LoRASpec(4, 8.0, ("query", "value")))
+    set_trainable(tiny_bert, ["lora_A", "lora_B", "head"])
+    data = TextDataset([f"word{i} other{i % 3} thing" for i in range(40)], [i % 3 for i in range(40)], ["a", "b", "c"])
+    dp = privacy.plan(8.0, 1e-5, 1.0, len(data), 8, planned_steps=10)
+    before = adapter_state(tiny_bert)
+    stats, history = privacy.private_train(
+        tiny_bert, TinyTokenizer(), data, dp=dp, history=[], steps=3, batch_size=8, lr=1e-2, max_length=8, seed=0
+    )
+    after = adapter_state(tiny_bert)
+    lora_b = [n for n in before if n.endswith("lora_B.weight")]
+    assert all(not torch.equal(before[n], after[n]) for n in lora_b)
+    assert history == [(dp.noise_multiplier, dp.sample_rate, 3)]
+    assert not any(hasattr(p, "grad_sample") for p in tiny_bert.parameters())  # hooks removed
+    assert type(tiny_bert).__name__ == "BertForSequenceClassification"
+
+
+def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from conftest import make_tiny_bert
+
+    # no dropout, so that the batch and the one-at-a-time passes see the same network
+    # (training mode stays on: Opacus's hooks record activations only in training mode)
+    tiny_bert = make_tiny_bert(dropout=0.0)
+    inject_lora(tiny_bert, LoRASpec(4, 8.0, ("query", "value")))
+    with torch.no_grad():
+        for n, p in tiny_bert.named_parameters():
+            if n.endswith("lora_B.weight"):
+                p.normal_(0, 0.5)
+    set_trainable(tiny_bert, ["lora_A", "lora_B", "head"])
+    labels = torch.tensor([0, 1, 2, 1])
+    params = [p for p in tiny_bert.parameters() if p.requires_grad]
+    clip = 0.05
+
+    tiny_bert.train()
+    model = GradSampleModule(tiny_bert)
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=4)
+    optimizer.zero_grad()
+    F.cross_entropy(model(**tiny_inputs).logits, labels).backward()
+    optimizer.pre_step()
+    model._close()
+    private = [p.grad.detach().clone() for p in params]
+
+    # reference: one example at a time, clip its whole gradient to `clip`, average over the batch
+    reference = [torch.zeros_like(p) for p in params]
+    for i in range(4):
+        tiny_bert.zero_grad()
+        F.cross_entropy(tiny_bert(input_ids=tiny_inputs["input_ids"][i : i + 1], attention_mask=tiny_inputs["attention_mask"][i : i + 1]).logits, labels[i : i + 1]).backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        assert float(norm) > clip  # every example is actually clipped
+        for r, g in zip(reference, grads):
+            r += g * min(1.0, clip / (float(norm) + 1e-6)) / 4
+    for got, r in zip(private, reference):
+        torch.testing.assert_close(got, r, rtol=1e-4, atol=1e-7)
