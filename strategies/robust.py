@@ -36,13 +36,14 @@ def screen_updates(global_state: State, updates: Sequence[ClientUpdate], multipl
     if multiple <= 0 or len(updates) < 2:
         return Screened(list(updates), [], 0)
     norms = [update_norm(global_state, u) for u in updates]
-    bound = multiple * float(torch.tensor(norms).median())
+    median = float(torch.tensor(norms).median())
+    bound = multiple * median
     kept, rejected, clipped = [], [], 0
     for u, n in zip(updates, norms):
         if n <= bound or bound == 0.0:
             kept.append(u)
         elif mode == "reject":
-            rejected.append((u, f"update norm {n:.3g} exceeds {multiple:g} x the round's median ({bound:.3g})"))
+            rejected.append((u, f"update norm {n:.3g} exceeds {multiple:g} x the round's median norm {median:.3g}"))
         else:
             factor = bound / n
             state = {}

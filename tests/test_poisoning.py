@@ -1,5 +1,10 @@
 """One client boosts its update 20x. Unprotected, FedAvg collapses; with norm-based robust
-aggregation the final accuracy stays within 1 point of the clean run."""
+aggregation (clip to 1.5 x the round's median) the final accuracy stays within 1 point
+of the clean run.
+
+Clipping, not rejection, is what keeps the attacker's data in the federation: on this
+Dirichlet split rejecting client 2 every round costs about 4 points, because its labels
+are rare elsewhere (see the README)."""
 
 import json
 
@@ -7,23 +12,23 @@ import pytest
 
 from fedlora.cli import main
 
-BASE = ["--clients", "4", "--rounds", "3", "--seed", "1"]
+BASE = ["--clients", "4", "--rounds", "5", "--seed", "1"]
 
 
-def final_accuracy(tmp_path, name, *extra) -> float:
+def run(tmp_path, name, *extra) -> tuple[float, list[dict]]:
     out = tmp_path / name
     assert main(["simulate", *BASE, "--out", str(out), *extra]) == 0
-    return json.loads((out / "summary.json").read_text())["final_accuracy"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text())["final_accuracy"], metrics
 
 
 @pytest.mark.slow
 def test_robust_aggregation_defeats_a_boosted_client(tmp_path):
     poison = tmp_path / "poison.toml"
     poison.write_text("poison_clients = [2]\npoison_scale = 20.0\n")
-    clean = final_accuracy(tmp_path, "clean")
-    attacked = final_accuracy(tmp_path, "attacked", "--config", str(poison))
-    protected = final_accuracy(tmp_path, "protected", "--config", str(poison), "--robust-norm-multiple", "3", "--robust-mode", "reject")
+    clean, _ = run(tmp_path, "clean")
+    attacked, _ = run(tmp_path, "attacked", "--config", str(poison))
+    protected, metrics = run(tmp_path, "protected", "--config", str(poison), "--robust-norm-multiple", "1.5", "--robust-mode", "clip")
     assert attacked < clean - 0.10
     assert abs(protected - clean) <= 0.01
-    rejected = [json.loads(line)["rejected"] for line in (tmp_path / "protected" / "metrics.jsonl").read_text().splitlines()]
-    assert rejected == [1, 1, 1]
+    assert all(m["clipped"] == 1 and m["rejected"] == 0 and m["clients"] == 4 for m in metrics)
