@@ -75,10 +75,18 @@ def would_exceed(history: History, dp: DPPlan, steps: int) -> bool:
     return epsilon_of(with_steps(history, dp, steps), dp.delta) > dp.epsilon * (1 + 1e-9)
 
 
-def _loader(tokenizer, data: TextDataset, batch_size: int, max_length: int) -> DataLoader:
+def _loader(tokenizer, data: TextDataset, batch_size: int, max_length: int, seed: int) -> DataLoader:
     enc = tokenizer(data.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     tensors = [enc["input_ids"], enc["attention_mask"], torch.tensor(data.labels)]
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
+    # Opacus's Poisson sampler takes this loader's generator: seeded, the batches are reproducible
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _mark_empty_batch(params: list[nn.Parameter]) -> None:
+    """An empty Poisson batch is still a step (noise only); Opacus needs per-sample
+    gradients for it, so give each parameter zero samples."""
+    for p in params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
 
 
 def _batches(loader: DataLoader, steps: int):
@@ -110,7 +118,6 @@ def _make_private(model: nn.Module, optimizer, loader: DataLoader, dp: DPPlan, h
             grad_sample_mode="hooks",
             noise_generator=torch.Generator().manual_seed(seed),
         )
-    private_loader.sampler.generator = torch.Generator().manual_seed(seed + 1)
     return engine, private_model, private_optimizer, private_loader
 
 
@@ -132,7 +139,7 @@ def private_train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     engine, private_model, private_optimizer, loader = _make_private(
-        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed
+        model, optimizer, _loader(tokenizer, data, batch_size, max_length, seed), dp, history, seed
     )
     start, total_loss, seen = time.perf_counter(), 0.0, 0
     before = [p.detach().clone() for p in params]
@@ -140,7 +147,8 @@ def private_train(
     try:
         for step, (ids, mask, labels) in enumerate(_batches(loader, steps)):
             private_optimizer.zero_grad(set_to_none=True)
-            if len(labels) == 0:  # an empty Poisson batch: still a step, noise only
+            if len(labels) == 0:
+                _mark_empty_batch(params)
                 private_optimizer.step()
                 continue
             loss = F.cross_entropy(private_model(input_ids=ids, attention_mask=mask).logits, labels)
@@ -182,7 +190,7 @@ def private_gradients(
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD(list(weights.values()), lr=0.0)
     engine, private_model, private_optimizer, loader = _make_private(
-        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed
+        model, optimizer, _loader(tokenizer, data, batch_size, max_length, seed), dp, history, seed
     )
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     private_model.train()
@@ -191,6 +199,8 @@ def private_gradients(
             private_optimizer.zero_grad(set_to_none=True)
             if len(labels):
                 F.cross_entropy(private_model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+            else:
+                _mark_empty_batch(list(weights.values()))
             private_optimizer.pre_step()  # clip, noise, scale: p.grad is now the private gradient
             for name, w in weights.items():
                 if w.grad is not None:

@@ -61,6 +61,36 @@ def test_a_dp_step_really_changes_the_adapter(tiny_bert):
     assert type(tiny_bert).__name__ == "BertForSequenceClassification"
 
 
+def _dp_trained(seed: int, examples: int, batch_size: int, steps: int) -> tuple[dict, privacy.History, int]:
+    from conftest import make_tiny_bert
+
+    net = make_tiny_bert()
+    inject_lora(net, LoRASpec(4, 8.0, ("query", "value")))
+    set_trainable(net, ["lora_A", "lora_B", "head"])
+    data = TextDataset([f"word{i} other{i % 3} thing" for i in range(examples)], [i % 3 for i in range(examples)], ["a", "b", "c"])
+    dp = privacy.plan(8.0, 1e-5, 1.0, len(data), batch_size, planned_steps=steps)
+    stats, history = privacy.private_train(
+        net, TinyTokenizer(), data, dp=dp, history=[], steps=steps, batch_size=batch_size, lr=1e-2, max_length=8, seed=seed
+    )
+    return adapter_state(net), history, stats.examples
+
+
+def test_empty_poisson_batches_are_noise_only_steps():
+    # 4 examples at sample rate 1/4: P(empty batch) = 0.75^4 ~ 0.32 per step, so 12 steps see several
+    state, history, examples = _dp_trained(seed=0, examples=4, batch_size=1, steps=12)
+    assert history[-1][2] == 12
+    assert examples < 12  # some batches were empty, and training went on through them
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_dp_batches_and_noise_are_reproducible_from_the_seed():
+    a, _, seen_a = _dp_trained(seed=3, examples=40, batch_size=8, steps=4)
+    b, _, seen_b = _dp_trained(seed=3, examples=40, batch_size=8, steps=4)
+    c, _, _ = _dp_trained(seed=4, examples=40, batch_size=8, steps=4)
+    assert seen_a == seen_b and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
 def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
