@@ -9,6 +9,7 @@ payloads that actually crossed.
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 import torch
@@ -28,6 +29,21 @@ log = logging.getLogger("fedlora")
 RECORD = "fedlora"
 PHASE_TRAIN = "train"
 PHASE_INIT = "init"
+
+
+def metric_value(metrics: MetricRecord | None, key: str) -> float | None:
+    """A client-reported metric as a finite number, or None: metrics are untrusted too
+    (Flower's MetricRecord also admits lists)."""
+    if metrics is None or key not in metrics:
+        return None
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def all_finite(state: State) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
 
 
 @dataclass
@@ -65,7 +81,7 @@ class FlowerStrategy(Strategy):
         self.fraction = fraction
         self.seed = seed
         self.wire_dtype = wire_dtype
-        self._set_global(global_state)
+        self.global_state = self._in_wire_dtype(global_state)
         self.max_update_bytes = max_update_bytes
         self.robust_multiple = robust_multiple
         self.robust_mode = robust_mode
@@ -90,11 +106,11 @@ class FlowerStrategy(Strategy):
             tensors, kind="global", strategy=self.strategy.name, round_num=server_round, wire_dtype=self.wire_dtype
         )
 
-    def _set_global(self, state: State) -> None:
-        """Keep the global state exactly representable in the wire dtype, so that what
+    def _in_wire_dtype(self, state: State) -> State:
+        """The state rounded to what the wire dtype represents exactly, so that what
         clients receive (frozen A in FFA-LoRA, say) is bit-identical to the server's copy."""
         dtype = wire.WIRE_DTYPES[self.wire_dtype]
-        self.global_state = {n: t.to(dtype).to(t.dtype) for n, t in state.items()} if dtype != torch.float32 else state
+        return {n: t.to(dtype).to(t.dtype) for n, t in state.items()} if dtype != torch.float32 else state
 
     # ----- Fed-SB's federated initialisation ----------------------------------------------
     def configure_init(self, grid: Grid) -> list[Message]:
@@ -110,7 +126,12 @@ class FlowerStrategy(Strategy):
         stats.clients = len(grads)
         if not grads:
             return False
-        self._set_global(self.strategy.initialize(self.global_state, [u for u, _ in grads]))
+        initial = self._in_wire_dtype(self.strategy.initialize(self.global_state, [u for u, _ in grads]))
+        if not all_finite(initial):
+            stats.reasons.append("the initialisation built from the clients' gradients is not finite")
+            log.warning("initialisation discarded: not finite")
+            return False
+        self.global_state = initial
         return True
 
     # ----- Flower's Strategy API ----------------------------------------------------------
@@ -146,15 +167,23 @@ class FlowerStrategy(Strategy):
         self.stats.clipped = screened.clipped
         updates = screened.kept
         self.stats.clients = len(updates)
-        losses = [(m.get("loss"), u.num_examples) for u, m in valid if m is not None and "loss" in m]
-        self.stats.train_seconds = sum(float(m.get("train-seconds", 0.0)) for _, m in valid if m is not None)
         if not updates:
             return None, None
+        metrics_of = {u.client_id: m for u, m in valid}
+        kept = [(metrics_of[u.client_id], u.num_examples) for u in updates]
+        losses = [(loss, n) for m, n in kept if (loss := metric_value(m, "loss")) is not None]
+        self.stats.train_seconds = sum(metric_value(m, "train-seconds") or 0.0 for m, _ in kept)
         result = self.strategy.aggregate(self.global_state, updates, server_round)
-        self._set_global(result.state)
+        new_state = self._in_wire_dtype(result.state)
+        if not all_finite(new_state):  # finite updates whose mean overflows, or overflows the wire dtype
+            self.stats.clients = 0
+            self.stats.reasons.append("the aggregate is not finite: round discarded, global state kept")
+            log.warning("round %d discarded: the aggregate is not finite", server_round)
+            return None, None
+        self.global_state = new_state
         self.stats.aggregation_error = result.error
         total = sum(n for _, n in losses)
-        self.stats.train_loss = sum(float(l) * n for l, n in losses) / total if total else None
+        self.stats.train_loss = sum(loss * n for loss, n in losses) / total if total else None
         metrics = MetricRecord({"clients": len(updates), "aggregation_error": result.error})
         return None, metrics
 
@@ -179,8 +208,8 @@ class FlowerStrategy(Strategy):
             if server_round > 0:
                 self.synced[node] = server_round - 1
             metrics = reply.content.metric_records.get("metrics")
-            if metrics is not None and "epsilon" in metrics:
-                self.epsilons[node] = float(metrics["epsilon"])
+            if (epsilon := metric_value(metrics, "epsilon")) is not None:
+                self.epsilons[node] = epsilon
             record = reply.content.config_records.get(RECORD)
             if record is not None and "declined" in record:
                 stats.declined += 1

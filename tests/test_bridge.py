@@ -23,13 +23,13 @@ GLOBAL = {
 class FakeReply:
     """Duck-typed stand-in for a Flower reply Message (real ones need a live run)."""
 
-    def __init__(self, node: int, payload=None, error: str | None = None):
+    def __init__(self, node: int, payload=None, error: str | None = None, metrics: dict | None = None):
         self.metadata = SimpleNamespace(src_node_id=node)
         self.error = SimpleNamespace(reason=error)
         content = RecordDict()
         if payload is not None:
             content[RECORD] = ConfigRecord({"payload": payload})
-            content["metrics"] = MetricRecord({"loss": 1.0, "train-seconds": 0.5})
+            content["metrics"] = MetricRecord(metrics if metrics is not None else {"loss": 1.0, "train-seconds": 0.5})
         self.content = content
 
     def has_error(self) -> bool:
@@ -92,3 +92,34 @@ def test_robust_aggregation_clips_a_boosted_update():
     b = bridge(robust_multiple=3.0, robust_mode="reject")
     b.aggregate_train(1, replies)
     assert b.stats.rejected == 1 and b.stats.clients == 2
+
+
+def test_malformed_client_metrics_are_ignored_not_fatal():
+    b = bridge()
+    replies = [
+        FakeReply(1, update(1.0), metrics={"loss": [1.0, 2.0], "epsilon": [3.0], "train-seconds": float("nan")}),
+        FakeReply(2, update(1.0), metrics={"loss": float("inf"), "epsilon": float("nan")}),
+        FakeReply(3, update(1.0), metrics={"loss": 2.0, "epsilon": 1.5, "train-seconds": 4.0}),
+    ]
+    b.aggregate_train(1, replies)
+    assert b.stats.clients == 3
+    assert b.stats.train_loss == 2.0 and b.stats.train_seconds == 4.0
+    assert b.worst_epsilon == 1.5
+
+
+def test_a_non_finite_aggregate_is_discarded_and_the_state_kept():
+    # an aggregate beyond what the fp16 wire dtype represents: it would round to inf
+    b = bridge(wire_dtype="fp16")
+    before = {n: t.clone() for n, t in b.global_state.items()}
+    aggregate = b.strategy.aggregate
+
+    def overflowing(global_state, updates, server_round):
+        result = aggregate(global_state, updates, server_round)
+        result.state["classifier.weight"] = result.state["classifier.weight"] * 1e6  # beyond fp16
+        return result
+
+    b.strategy.aggregate = overflowing
+    b.aggregate_train(1, [FakeReply(1, update(1.0, wire_dtype="fp16"))])
+    assert b.stats.clients == 0 and "not finite" in b.stats.reasons[0]
+    for n in before:
+        assert torch.equal(b.global_state[n], before[n])
