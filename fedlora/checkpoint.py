@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fedlora.errors import UserError
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1
+REQUIRED_META = frozenset({"format", "round", "init", "seconds"})
 
 
 def save_checkpoint(out_dir: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -36,11 +37,12 @@ def load_checkpoint(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | Non
         return None
     try:
         state = load_file(str(path))
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            meta = json.loads(json.loads(fh.read(n))["__metadata__"]["fedlora"])
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["fedlora"])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise UserError(f"unreadable checkpoint {path}: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT}")
+    if not isinstance(meta, dict) or not REQUIRED_META <= meta.keys():
+        raise UserError(f"checkpoint {path} lacks fedlora metadata ({', '.join(sorted(REQUIRED_META))})")
+    if meta["format"] != FORMAT:
+        raise UserError(f"checkpoint {path} has format {meta['format']!r}, expected {FORMAT}")
     return state, meta

@@ -90,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.resume:
                 if not args.out:
                     raise UserError("--resume needs --out: the folder of the run to continue")
+                ignored = [k for k, v in vars(args).items() if k not in ("command", "resume", "out") and v is not None]
+                if ignored:
+                    flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+                    raise UserError(f"--resume continues with the run's saved settings; drop {flags}")
                 out = simulate(resume_config(args.out), resume=True)
             else:
                 out = simulate(run_config_from_args(args))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,10 @@ class RunConfig:
             setattr(self, key, _coerce(key, value, fields[key]))
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
         if self.partition not in PARTITIONS:
@@ -93,6 +98,8 @@ class RunConfig:
             raise UserError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.alpha <= 0:
             raise UserError(f"alpha must be > 0, got {self.alpha}")
+        if self.lora_alpha <= 0:
+            raise UserError(f"lora-alpha must be > 0, got {self.lora_alpha}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if not 0.0 < self.test_fraction < 1.0:

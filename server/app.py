@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.config import RunConfig
 from fedlora.export import export_peft_adapter
 from fedlora.models import model_display_name
-from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
 from fedlora.strategies import make_strategy
 from fedlora.strategies.flower_bridge import FlowerStrategy
@@ -36,8 +36,11 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     checkpoint = load_checkpoint(out_dir) if resume else None
-    if not checkpoint:  # a fresh run: simulated clients' privacy accountants start empty
-        shutil.rmtree(out_dir / "clients", ignore_errors=True)
+    if not resume:  # a fresh run: nothing of an earlier run in this folder carries over
+        shutil.rmtree(out_dir / "clients", ignore_errors=True)  # simulated clients' privacy accountants
+        (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    # a resumed run that crashed before its first checkpoint starts again from round 1, but
+    # its clients keep their accountants: what they spent in the lost round stays spent
     done = checkpoint[1]["round"] if checkpoint else 0
     # keep exactly the rounds the checkpoint holds: a crash may have logged one more
     kept = [m for m in read_metrics(metrics_path) if m["round"] <= done] if checkpoint else []
@@ -139,7 +142,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         "bytes_down_total": init["bytes_down"] + sum(m["bytes_down"] for m in metrics),
         "init_bytes_up": init["bytes_up"],
         "init_bytes_down": init["bytes_down"],
-        "epsilon": bridge.worst_epsilon if cfg.dp_epsilon is not None else None,
+        "epsilon": _worst_epsilon(metrics, bridge) if cfg.dp_epsilon is not None else None,
         "dp_epsilon_target": cfg.dp_epsilon,
         "seconds": elapsed_before + time.perf_counter() - start,
         "resumed_after_round": done if checkpoint else None,
@@ -148,6 +151,14 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     if metrics:
         plot_report(metrics, out_dir / "report.png", f"fedlora {cfg.strategy}, {cfg.clients} clients")
     return summary
+
+
+def _worst_epsilon(metrics: list[dict], bridge: FlowerStrategy) -> float | None:
+    """Over the whole run, resumed parts included (the bridge only saw the last part)."""
+    spent = [m["epsilon"] for m in metrics if m.get("epsilon") is not None]
+    if bridge.worst_epsilon is not None:
+        spent.append(bridge.worst_epsilon)
+    return max(spent) if spent else None
 
 
 def _fmt(value: float | None) -> str:

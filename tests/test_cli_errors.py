@@ -38,6 +38,10 @@ def _tiny_jsonl(tmp_path, n=6):
         (["--partition", "zipf"], "unknown partition"),
         (["--model", "/nonexistent/model"], "model folder"),
         (["--config", "/nonexistent.toml"], "config file not found"),
+        (["--lr", "nan"], "lr must be a finite number"),
+        (["--robust-norm-multiple", "inf"], "robust-norm-multiple must be a finite number"),
+        (["--lora-alpha", "0"], "lora-alpha must be > 0"),
+        (["--resume", "--rounds", "9"], "drop --rounds"),
     ],
 )
 def test_bad_flags(args, needle, tmp_path):

@@ -19,8 +19,8 @@ SMALL = ["--clients", "2", "--rounds", "3", "--local-steps", "2", "--max-length"
 
 def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     state = {"a.lora_A.weight": torch.randn(2, 3), "merged.1.a.lora_B.weight": torch.randn(3, 2)}
-    save_checkpoint(tmp_path, state, {"round": 4, "init": {"bytes_up": 1, "bytes_down": 2}})
-    save_checkpoint(tmp_path, {k: v + 1 for k, v in state.items()}, {"round": 5, "init": {"bytes_up": 1, "bytes_down": 2}})
+    save_checkpoint(tmp_path, state, {"round": 4, "init": {"bytes_up": 1, "bytes_down": 2}, "seconds": 1.0})
+    save_checkpoint(tmp_path, {k: v + 1 for k, v in state.items()}, {"round": 5, "init": {"bytes_up": 1, "bytes_down": 2}, "seconds": 2.0})
     got, meta = load_checkpoint(tmp_path)
     assert meta["round"] == 5 and not list(tmp_path.glob("*.tmp"))
     for k in state:
@@ -29,6 +29,17 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
 
 def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(UserError, match="unreadable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_without_fedlora_metadata_is_a_user_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "checkpoint.safetensors"), metadata={"fedlora": "[1, 2]"})
+    with pytest.raises(UserError, match="lacks fedlora metadata"):
+        load_checkpoint(tmp_path)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "checkpoint.safetensors"))
     with pytest.raises(UserError, match="unreadable checkpoint"):
         load_checkpoint(tmp_path)
 
