@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -12,6 +11,7 @@ from flwr.clientapp import ClientApp
 from fedlora import privacy, wire
 from fedlora.adapters import adapter_state, reset_adapters, set_trainable
 from fedlora.config import RunConfig
+from fedlora.report import write_json_atomic
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import AdapterStrategy, State
 from fedlora.strategies.flower_bridge import PHASE_INIT, RECORD
@@ -57,7 +57,10 @@ def dp_state_file(cfg: RunConfig, pid: int) -> Path | None:
 
 def dp_history(context: Context, path: Path | None) -> privacy.History:
     if path is not None and path.exists():
-        return [tuple(h) for h in json.loads(path.read_text())["history"]]
+        try:
+            return [tuple(h) for h in json.loads(path.read_text())["history"]]
+        except (ValueError, KeyError, TypeError) as exc:  # no budget known: refuse to train
+            raise RuntimeError(f"unreadable privacy accountant {path}: {exc}") from None
     if DP_STATE in context.state.config_records:
         return [tuple(h) for h in json.loads(context.state.config_records[DP_STATE]["history"])]
     return []
@@ -68,9 +71,7 @@ def save_dp_history(context: Context, path: Path | None, history: privacy.Histor
     context.state[DP_STATE] = ConfigRecord({"history": text})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"history": json.loads(text)}))
-        os.replace(tmp, path)
+        write_json_atomic(path, {"history": [list(h) for h in history]})
 
 
 def dp_stats(dp: privacy.DPPlan | None, history: privacy.History) -> dict | None:

@@ -9,8 +9,12 @@ from typing import Any
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write, flush to disk, rename: a crash leaves the old file or the new one, never half."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
