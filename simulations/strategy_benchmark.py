@@ -1,6 +1,6 @@
 """All four strategies on the same split and budget: accuracy against bytes.
 
-    python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--out DIR]
+    python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--out DIR] [--report-only]
 
 Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
 same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
@@ -8,7 +8,9 @@ same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
 accuracy, bytes up and down (measured on the serialized payloads, the one-off costs
 such as Fed-SB's initialisation included), bytes to first reach the target accuracy,
 and the ratio of total bytes against FedAvg; writes a plot of accuracy against
-cumulative bytes.
+cumulative bytes. The default of 15 rounds is a budget on which Fed-SB's one-off
+initialisation (about one FedAvg round each way) is paid back; on short runs it
+dominates Fed-SB's bytes.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str =
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return load_run(out_dir)
+
+
+def load_run(out_dir: Path) -> tuple[list[dict], dict]:
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out_dir / "summary.json").read_text())
     return metrics, summary
@@ -94,15 +100,16 @@ def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float
     rows = [
         f"### {name} (target accuracy {target:.2f})",
         "",
-        "| strategy | final accuracy | bytes up | bytes down | bytes to target | FedAvg bytes / bytes (total) | FedAvg bytes / bytes (last round) | mean aggregation error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | final accuracy | mean of last 3 rounds | bytes up | bytes down | bytes to target | FedAvg bytes / bytes (total) | FedAvg bytes / bytes (last round) | mean aggregation error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for strategy, (metrics, summary) in results.items():
         total = summary["bytes_up_total"] + summary["bytes_down_total"]
         last = metrics[-1]["bytes_up"] + metrics[-1]["bytes_down"]
         err = sum(m["aggregation_error"] or 0.0 for m in metrics) / len(metrics)
         rows.append(
-            f"| {strategy} | {summary['final_accuracy']:.4f} | {mb(summary['bytes_up_total'])} | {mb(summary['bytes_down_total'])}"
+            f"| {strategy} | {summary['final_accuracy']:.4f} | {sum(m['accuracy'] for m in metrics[-3:]) / len(metrics[-3:]):.4f}"
+            f" | {mb(summary['bytes_up_total'])} | {mb(summary['bytes_down_total'])}"
             f" | {mb(bytes_to_target(metrics, summary, target))} | {base_total / total:.1f}x | {base_round / last:.1f}x | {err:.1e} |"
         )
     plot(results, plot_path, name)
@@ -137,10 +144,11 @@ def plot(results: dict[str, tuple[list[dict], dict]], path: Path, title: str) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="bbc,sst2")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", default="runs/strategy-benchmark")
     parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,12 +169,19 @@ def main() -> int:
             settings = {**COMMON, "rounds": args.rounds, **data_settings}
             results = {}
             for strategy in strategies:
+                if args.report_only:
+                    results[strategy] = load_run(out / f"{name}-{strategy}")
+                    continue
                 print(f"[{name}] running {strategy} ...", flush=True)
                 results[strategy] = run_strategy(strategy, settings, out / f"{name}-{strategy}")
             for dtype in [d for d in args.wire_dtypes.split(",") if d]:
                 for strategy in ("fedavg", "fedsb"):
+                    run_dir = out / f"{name}-{strategy}-{dtype}"
+                    if args.report_only:
+                        results[f"{strategy} ({dtype})"] = load_run(run_dir)
+                        continue
                     print(f"[{name}] running {strategy} with {dtype} on the wire ...", flush=True)
-                    results[f"{strategy} ({dtype})"] = run_strategy(strategy, settings, out / f"{name}-{strategy}-{dtype}", dtype)
+                    results[f"{strategy} ({dtype})"] = run_strategy(strategy, settings, run_dir, dtype)
             table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png")
             (out / f"{name}-table.md").write_text(table + "\n")
             print(table, flush=True)
