@@ -1,7 +1,7 @@
 """Accuracy under differential privacy at several epsilons against the same run without DP.
 
     python simulations/dp_accuracy_benchmark.py [--dataset sst2|bbc] [--epsilons 1,3,8]
-        [--strategies fedavg,ffa,fedsb] [--rounds R] [--out DIR]
+        [--strategies fedavg,ffa,fedsb] [--rounds R] [--out DIR] [--baseline-dir DIR]
 
 Every cell is a real `fedlora simulate` with the settings of the strategy benchmark
 (same clients, split, rounds, local steps, rank and learning rate per strategy); the
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strategy_benchmark import COMMON, SHARED_SST2, run_strategy, sst2_files  # noqa: E402
+from strategy_benchmark import COMMON, SHARED_SST2, load_run, run_strategy, sst2_files  # noqa: E402
 
 
 def main() -> int:
@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--strategies", default="fedavg,ffa,fedsb")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="runs/dp-accuracy-benchmark")
+    parser.add_argument("--baseline-dir", help="take the no-DP runs from a strategy benchmark run with the same --rounds")
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
     strategies = [s for s in args.strategies.split(",") if s]
@@ -48,9 +49,14 @@ def main() -> int:
             for eps in [None, *epsilons]:
                 label = "no DP" if eps is None else f"ε={eps:g}"
                 print(f"[{args.dataset}] {strategy}, {label} ...", flush=True)
-                run_settings = settings if eps is None else {**settings, "dp_epsilon": eps}
-                name = f"{args.dataset}-{strategy}-" + ("nodp" if eps is None else f"eps{eps:g}")
-                _, summary = run_strategy(strategy, run_settings, out / name)
+                if eps is None and args.baseline_dir:
+                    _, summary = load_run(Path(args.baseline_dir) / f"{args.dataset}-{strategy}")
+                    if summary["rounds"] != args.rounds:
+                        raise SystemExit(f"{args.baseline_dir} has {summary['rounds']} rounds, not {args.rounds}")
+                else:
+                    run_settings = settings if eps is None else {**settings, "dp_epsilon": eps}
+                    name = f"{args.dataset}-{strategy}-" + ("nodp" if eps is None else f"eps{eps:g}")
+                    _, summary = run_strategy(strategy, run_settings, out / name)
                 cells[strategy][label] = (summary["final_accuracy"], summary["epsilon"])
     labels = ["no DP", *[f"ε={e:g}" for e in epsilons]]
     rows = [
