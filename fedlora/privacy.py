@@ -75,11 +75,11 @@ def would_exceed(history: History, dp: DPPlan, steps: int) -> bool:
     return epsilon_of(with_steps(history, dp, steps), dp.delta) > dp.epsilon * (1 + 1e-9)
 
 
-def _loader(tokenizer, data: TextDataset, batch_size: int, max_length: int, seed: int) -> DataLoader:
+def _loader(tokenizer, data: TextDataset, batch_size: int, max_length: int) -> DataLoader:
+    """Opacus's Poisson sampler draws from torch's global generator, which the callers seed."""
     enc = tokenizer(data.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     tensors = [enc["input_ids"], enc["attention_mask"], torch.tensor(data.labels)]
-    # Opacus's Poisson sampler takes this loader's generator: seeded, the batches are reproducible
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, generator=torch.Generator().manual_seed(seed + 1))
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
 
 
 def _mark_empty_batch(params: list[nn.Parameter]) -> None:
@@ -139,7 +139,7 @@ def private_train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     engine, private_model, private_optimizer, loader = _make_private(
-        model, optimizer, _loader(tokenizer, data, batch_size, max_length, seed), dp, history, seed
+        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed
     )
     start, total_loss, seen = time.perf_counter(), 0.0, 0
     before = [p.detach().clone() for p in params]
@@ -190,7 +190,7 @@ def private_gradients(
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD(list(weights.values()), lr=0.0)
     engine, private_model, private_optimizer, loader = _make_private(
-        model, optimizer, _loader(tokenizer, data, batch_size, max_length, seed), dp, history, seed
+        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed
     )
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     private_model.train()
