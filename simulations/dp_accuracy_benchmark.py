@@ -55,8 +55,9 @@ def main() -> int:
                         raise SystemExit(f"{args.baseline_dir} has {summary['rounds']} rounds, not {args.rounds}")
                 else:
                     run_settings = settings if eps is None else {**settings, "dp_epsilon": eps}
-                    name = f"{args.dataset}-{strategy}-" + ("nodp" if eps is None else f"eps{eps:g}")
-                    _, summary = run_strategy(strategy, run_settings, out / name)
+                    run_dir = out / (f"{args.dataset}-{strategy}-" + ("nodp" if eps is None else f"eps{eps:g}"))
+                    run_strategy(strategy, run_settings, run_dir)
+                    _, summary = load_run(run_dir)
                 cells[strategy][label] = (summary["final_accuracy"], summary["epsilon"])
     labels = ["no DP", *[f"ε={e:g}" for e in epsilons]]
     rows = [

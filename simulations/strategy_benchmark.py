@@ -63,7 +63,7 @@ def sst2_files(tmp: Path) -> dict | None:
     return {"data": out["train"], "eval_data": out["dev"], "eval_max_examples": 0, "partition": "iid"}
 
 
-def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str = "fp32") -> tuple[list[dict], dict]:
+def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str = "fp32") -> None:
     cfg_path = out_dir.with_suffix(".toml")
     lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     cfg_path.write_text("\n".join(lines) + "\n")
@@ -74,7 +74,6 @@ def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str =
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return load_run(out_dir)
 
 
 def load_run(out_dir: Path) -> tuple[list[dict], dict]:
@@ -170,20 +169,18 @@ def main() -> int:
         for name, (data_settings, target) in datasets.items():
             settings = {**COMMON, "rounds": args.rounds, **data_settings}
             results = {}
+
+            def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
+                if not args.report_only:
+                    print(f"[{name}] running {label} ...", flush=True)
+                    run_strategy(strategy, settings, run_dir, dtype)
+                results[label] = load_run(run_dir)
+
             for strategy in strategies:
-                if args.report_only:
-                    results[strategy] = load_run(out / f"{name}-{strategy}")
-                    continue
-                print(f"[{name}] running {strategy} ...", flush=True)
-                results[strategy] = run_strategy(strategy, settings, out / f"{name}-{strategy}")
+                obtain(strategy, strategy, out / f"{name}-{strategy}")
             for dtype in [d for d in args.wire_dtypes.split(",") if d]:
                 for strategy in ("fedavg", "fedsb"):
-                    run_dir = out / f"{name}-{strategy}-{dtype}"
-                    if args.report_only:
-                        results[f"{strategy} ({dtype})"] = load_run(run_dir)
-                        continue
-                    print(f"[{name}] running {strategy} with {dtype} on the wire ...", flush=True)
-                    results[f"{strategy} ({dtype})"] = run_strategy(strategy, settings, run_dir, dtype)
+                    obtain(f"{strategy} ({dtype})", strategy, out / f"{name}-{strategy}-{dtype}", dtype)
             table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png")
             (out / f"{name}-table.md").write_text(table + "\n")
             print(table, flush=True)
