@@ -91,10 +91,16 @@ def _injected_model(model: str | None, num_labels: int, targets: tuple[str, ...]
 
 
 def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, seed: int):
-    """The round-0 global state: seeded A and head, zero B."""
+    """The round-0 global state: seeded A and head, zero B.
+
+    Built on a freshly loaded model, not the per-process cache: a cached model carries the
+    head (BERT's pooler) of whatever run it last served, and a second run in the same
+    process would otherwise start from the first one's trained pooler.
+    """
     import torch
 
-    net = adapted_model(model, num_labels, spec)
+    net = _injected_model.__wrapped__(model, num_labels, spec.target_modules, spec.head_modules)
+    reshape_adapters(net, spec)
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if hasattr(m, "reset_adapter"):
