@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -11,6 +14,7 @@ from flwr.clientapp import ClientApp
 from fedlora import privacy, wire
 from fedlora.adapters import adapter_state, reset_adapters, set_trainable
 from fedlora.config import RunConfig
+from fedlora.data import TextDataset, align_labels, load_text_file
 from fedlora.report import write_json_atomic
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import AdapterStrategy, State
@@ -97,26 +101,85 @@ def decline(msg: Message, reason: str, epsilon: float) -> Message:
     return Message(RecordDict({RECORD: record, "metrics": MetricRecord({"epsilon": epsilon})}), reply_to=msg)
 
 
+@dataclass
+class LocalSetup:
+    """What one client trains on, and how."""
+
+    data: TextDataset
+    index: int  # seeds and (simulation) FLoRA rank: the partition id, or the node id when deployed
+    rank: int
+    num_labels: int
+    device: torch.device
+    dp_epsilon: float | None
+    dp_file: Path | None
+    simulated: bool
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available on this machine")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: choose auto, cuda or cpu")
+    return torch.device(name)
+
+
+def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
+    """A deployed agent (``data-path`` in its node config) reads its own file; a simulated
+    client takes its partition of the run's data."""
+    node = context.node_config
+    if "data-path" in node:
+        if not cfg.labels:
+            raise ValueError("the coordinator sent no label set")
+        data = align_labels(load_text_file(str(node["data-path"]), cfg.text_column, cfg.label_column), cfg.labels)
+        budget = node.get("dp-epsilon")
+        state_dir = node.get("state-dir")
+        return LocalSetup(
+            data=data,
+            index=int(context.node_id) % 1_000_003,
+            rank=int(node.get("rank", 0)) or cfg.rank,
+            num_labels=len(cfg.labels),
+            device=pick_device(str(node.get("device", "auto"))),
+            dp_epsilon=float(budget) if budget not in (None, "", 0) else cfg.dp_epsilon,
+            dp_file=Path(str(state_dir)) / "privacy.json" if state_dir else None,
+            simulated=False,
+        )
+    splits = load_splits(cfg)
+    pid = partition_id(context)
+    return LocalSetup(
+        data=splits.train.subset(splits.partitions[pid]),
+        index=pid,
+        rank=client_rank(cfg, pid),
+        num_labels=len(splits.label_names),
+        device=torch.device("cpu"),
+        dp_epsilon=cfg.dp_epsilon,
+        dp_file=dp_state_file(cfg, pid),
+        simulated=True,
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     record = msg.content[RECORD]
     cfg = RunConfig.from_dict(json.loads(record["run_config"]))
     round_num = int(record["round"])
-    splits = load_splits(cfg)
-    pid = partition_id(context)
-    local = splits.train.subset(splits.partitions[pid])
+    setup = local_setup(cfg, context)
+    local = setup.data
+    cfg.dp_epsilon = setup.dp_epsilon
 
     strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
-    spec = strategy.client_spec(client_rank(cfg, pid))
-    net = adapted_model(cfg.model, len(splits.label_names), spec)
+    spec = strategy.client_spec(setup.rank)
+    net = adapted_model(cfg.model, setup.num_labels, spec).to(setup.device)
     state = merge_held(context, strategy, wire.decode(record["payload"]).tensors)
-    seed = cfg.seed * 1_000_003 + round_num * 1_009 + pid
+    seed = cfg.seed * 1_000_003 + round_num * 1_009 + setup.index
     tokenizer = tokenizer_for(cfg.model)
     wire_dtype = str(record.get("wire_dtype", "fp32"))
     header = {"strategy": strategy.name, "round_num": round_num, "num_examples": len(local), "wire_dtype": wire_dtype}
 
     is_init = record.get("phase") == PHASE_INIT
-    dp_file = dp_state_file(cfg, pid)
+    dp_file = setup.dp_file
     dp, history = None, dp_history(context, dp_file)
     if cfg.dp_epsilon is not None:
         total = privacy.planned_steps(cfg.rounds, cfg.local_steps, cfg.init_batches if strategy.needs_init else 0)
@@ -129,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_init:
         reset_adapters(net)  # no adapter effect: the gradient is the base model's
         strategy.materialize(net, state)
-        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": seed}
+        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": seed, "device": setup.device}
         if dp is None:
             grads = full_weight_gradients(net, tokenizer, local, batches=cfg.init_batches, **kw)
         else:
@@ -141,13 +204,14 @@ def train(msg: Message, context: Context) -> Message:
     strategy.prepare_client_model(net, state, seed)
     set_trainable(net, strategy.trained_roles)
     kw = {"steps": cfg.local_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length, "seed": seed}
+    kw["device"] = setup.device
     if dp is None:
         stats = train_local(net, tokenizer, local, **kw)
     else:
         stats, history = privacy.private_train(net, tokenizer, local, dp=dp, history=history, **kw)
         save_dp_history(context, dp_file, history)
     update = adapter_state(net, strategy.sent_roles)
-    if pid in cfg.poison_clients:  # a simulated attacker: its honest change, scaled up
+    if setup.simulated and setup.index in cfg.poison_clients:  # a simulated attacker: its honest change, scaled up
         update = {n: state[n] + cfg.poison_scale * (t - state[n]) if n in state else cfg.poison_scale * t for n, t in update.items()}
     blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)
     metrics = MetricRecord(

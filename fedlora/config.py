@@ -57,6 +57,8 @@ class RunConfig:
     # simulation only: clients (by partition id) that send a poisoned update, g + scale * (u - g)
     poison_clients: tuple[int, ...] = ()
     poison_scale: float = 20.0
+    # set by the coordinator for deployed clients: the federation's label names, in index order
+    labels: tuple[str, ...] = ()
     eval_batch_size: int = 64
     eval_max_examples: int = 0  # 0: the whole held-out split
     out: str | None = None

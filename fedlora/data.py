@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,15 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     if len(texts) == 0:
         raise UserError(f"{path} holds no examples")
     return TextDataset(texts, labels, label_names)
+
+
+def align_labels(data: TextDataset, names: Sequence[str]) -> TextDataset:
+    """``data`` with its labels renumbered to the federation's ``names``."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(data.label_names[label] for label in data.labels) - index.keys())
+    if unknown:
+        raise UserError(f"labels not in the federation's label set {list(names)}: {unknown[:5]}")
+    return TextDataset(data.texts, [index[data.label_names[label]] for label in data.labels], list(names))
 
 
 def _natural_key(value: str) -> tuple:

@@ -89,18 +89,18 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
         p.grad_sample = p.new_zeros((0, *p.shape))
 
 
-def _batches(loader: DataLoader, steps: int):
+def _batches(loader: DataLoader, steps: int, device: torch.device | str = "cpu"):
     """``steps`` Poisson-sampled batches, cycling over the loader's epochs."""
     done = 0
     while done < steps:
         for batch in loader:
-            yield batch
+            yield [t.to(device) for t in batch]
             done += 1
             if done == steps:
                 return
 
 
-def _make_private(model: nn.Module, optimizer, loader: DataLoader, dp: DPPlan, history: History, seed: int):
+def _make_private(model: nn.Module, optimizer, loader: DataLoader, dp: DPPlan, history: History, seed: int, device):
     from opacus import PrivacyEngine
 
     model.train()  # Opacus validates the model in training mode
@@ -116,7 +116,7 @@ def _make_private(model: nn.Module, optimizer, loader: DataLoader, dp: DPPlan, h
             max_grad_norm=dp.clip,
             poisson_sampling=True,
             grad_sample_mode="hooks",
-            noise_generator=torch.Generator().manual_seed(seed),
+            noise_generator=torch.Generator(device=device).manual_seed(seed),  # noise is drawn on the parameters' device
         )
     return engine, private_model, private_optimizer, private_loader
 
@@ -133,19 +133,20 @@ def private_train(
     lr: float,
     max_length: int,
     seed: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[TrainStats, History]:
     """DP-SGD (AdamW on the privatized gradient) for ``steps`` steps; returns the new history."""
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     engine, private_model, private_optimizer, loader = _make_private(
-        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed
+        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed, device
     )
     start, total_loss, seen = time.perf_counter(), 0.0, 0
     before = [p.detach().clone() for p in params]
     private_model.train()
     try:
-        for step, (ids, mask, labels) in enumerate(_batches(loader, steps)):
+        for step, (ids, mask, labels) in enumerate(_batches(loader, steps, device)):
             private_optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 _mark_empty_batch(params)
@@ -176,6 +177,7 @@ def private_gradients(
     batch_size: int,
     max_length: int,
     seed: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, torch.Tensor], History]:
     """Mean privatized gradient of each adapted module's full base weight (Fed-SB's
     initialisation), clipped per sample and noised like any DP-SGD step, and accounted."""
@@ -190,12 +192,12 @@ def private_gradients(
     torch.manual_seed(seed)
     optimizer = torch.optim.SGD(list(weights.values()), lr=0.0)
     engine, private_model, private_optimizer, loader = _make_private(
-        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed
+        model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed, device
     )
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     private_model.train()
     try:
-        for ids, mask, labels in _batches(loader, batches):
+        for ids, mask, labels in _batches(loader, batches, device):
             private_optimizer.zero_grad(set_to_none=True)
             if len(labels):
                 F.cross_entropy(private_model(input_ids=ids, attention_mask=mask).logits, labels).backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ class TrainStats:
 def encode(tokenizer, texts: list[str], max_length: int, device: torch.device | str = "cpu") -> dict:
     batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, where adapters and head stay fp32 parameters; nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -58,7 +66,9 @@ def train_local(
     for idx in batches:
         inputs = encode(tokenizer, [data.texts[i] for i in idx], max_length, device)
         labels = torch.tensor([data.labels[i] for i in idx], device=device)
-        loss = F.cross_entropy(model(**inputs).logits, labels)
+        with autocast_for(device):
+            logits = model(**inputs).logits
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -123,7 +133,9 @@ def full_weight_gradients(
         for idx in order:
             inputs = encode(tokenizer, [data.texts[i] for i in idx], max_length, device)
             labels = torch.tensor([data.labels[i] for i in idx], device=device)
-            (F.cross_entropy(model(**inputs).logits, labels) / len(order)).backward()
+            with autocast_for(device):
+                logits = model(**inputs).logits
+            (F.cross_entropy(logits.float(), labels) / len(order)).backward()
         return {name: m.base_layer.weight.grad.detach().to("cpu", torch.float32).clone() for name, m in modules.items()}
     finally:
         for m in modules.values():
