@@ -16,11 +16,12 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None:
     add = p.add_argument
     add("--config", help="TOML file with run settings (flags override it)")
     add("--strategy", help="aggregation strategy: fedavg, ffa, flora or fedsb (default fedavg)")
-    add("--clients", type=int, help="number of clients (default 4)")
+    if simulated:
+        add("--clients", type=int, help="number of clients (default 4)")
     add("--rounds", type=int, help="federated rounds (default 5)")
     add("--fraction", type=float, help="share of clients sampled per round (default 1.0)")
     add("--rank", type=int, help="LoRA rank (default 8)")
@@ -58,6 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated simulation on this machine")
     _add_run_options(sim)
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved settings)")
+    co = sub.add_parser("coordinator", help="run a federation's coordinator (Flower SuperLink) for client agents")
+    co.add_argument("--address", required=True, help="HOST:PORT the client agents connect to, e.g. 0.0.0.0:9092")
+    co.add_argument("--min-clients", type=int, help="clients to wait for before round 1 (default 4)")
+    co.add_argument("--tls-dir", help="folder with ca.crt, server.pem, server.key (see fedlora certs)")
+    co.add_argument("--insecure", action="store_true", help="no TLS (loopback or trusted networks only)")
+    co.add_argument("--auth-keys", help="folder of client public keys (*.pub): only these clients may join")
+    co.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved settings)")
+    _add_run_options(co, simulated=False)
+    cl = sub.add_parser("client", help="run a client agent (Flower SuperNode) that trains on a local file")
+    cl.add_argument("--coordinator", required=True, help="the coordinator's HOST:PORT")
+    cl.add_argument("--data", required=True, help="this client's JSONL, CSV, TSV or Parquet file; it never leaves the machine")
+    cl.add_argument("--text-column", default="text")
+    cl.add_argument("--label-column", default="label")
+    cl.add_argument("--rank", type=int, help="FLoRA: this client's LoRA rank (default: the run's)")
+    cl.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto: CUDA when present)")
+    cl.add_argument("--dp-epsilon", type=float, help="this client's own privacy budget (default: the run's setting)")
+    cl.add_argument("--root-cert", help="the CA certificate that signed the coordinator's (ca.crt)")
+    cl.add_argument("--insecure", action="store_true", help="no TLS")
+    cl.add_argument("--auth-key", help="this client's private key, registered with the coordinator")
+    cl.add_argument("--state-dir", default="fedlora-client", help="where the agent keeps its privacy accountant (default ./fedlora-client)")
+    cl.add_argument("--max-wait", type=float, help="give up after this many seconds without the coordinator (default: keep trying)")
+    ce = sub.add_parser("certs", help="write a test CA, server certificate and client keys")
+    ce.add_argument("--out", required=True, help="folder to write (must not hold a CA already)")
+    ce.add_argument("--host", default="localhost", help="the coordinator's host name or IP address, as clients dial it")
+    ce.add_argument("--clients", type=int, default=3, help="client key pairs to create (default 3)")
+    pa = sub.add_parser("partition", help="split a labelled file (default: the embedded data's training split) into client files")
+    pa.add_argument("--out", required=True, help="folder for client-1.jsonl ... client-N.jsonl")
+    pa.add_argument("--clients", type=int, default=2)
+    pa.add_argument("--data", help="JSONL, CSV, TSV or Parquet file (default: embedded BBC News)")
+    pa.add_argument("--text-column", default="text")
+    pa.add_argument("--label-column", default="label")
+    pa.add_argument("--partition", default="dirichlet", help="iid or dirichlet (default dirichlet)")
+    pa.add_argument("--alpha", type=float, default=1.0)
+    pa.add_argument("--seed", type=int, default=0)
     exp = sub.add_parser("export", help="export a run's adapter (PEFT format) or merged model")
     exp.add_argument("run_dir", help="a fedlora run folder")
     exp.add_argument("--out", required=True, help="folder to write")
@@ -75,10 +110,25 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     if args.config:
         cfg.update(load_toml(args.config))
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "resume") and v is not None}
+    skip = ("config", "command", "resume", "address", "min_clients", "tls_dir", "insecure", "auth_keys")
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    if getattr(args, "min_clients", None) is not None:
+        flags["clients"] = args.min_clients
     cfg.update(flags)
     cfg.validate()
     return cfg
+
+
+def _resume_out(args: argparse.Namespace, allowed: tuple[str, ...]) -> str:
+    """The run folder to resume; run settings come from it, so other run flags are errors."""
+    if not args.out:
+        raise UserError("--resume needs --out: the folder of the run to continue")
+    fixed = ("command", "resume", "out", *allowed)
+    ignored = [k for k, v in vars(args).items() if k not in fixed and v not in (None, False)]
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise UserError(f"--resume continues with the run's saved settings; drop {flags}")
+    return args.out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,16 +138,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedlora.simulation import resume_config, simulate
 
             if args.resume:
-                if not args.out:
-                    raise UserError("--resume needs --out: the folder of the run to continue")
-                ignored = [k for k, v in vars(args).items() if k not in ("command", "resume", "out") and v is not None]
-                if ignored:
-                    flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-                    raise UserError(f"--resume continues with the run's saved settings; drop {flags}")
-                out = simulate(resume_config(args.out), resume=True)
+                out = simulate(resume_config(_resume_out(args, ())), resume=True)
             else:
                 out = simulate(run_config_from_args(args))
             print(f"done: outputs in {out}")
+        elif args.command == "coordinator":
+            from fedlora.coordinator import check_deployment, coordinate
+            from fedlora.simulation import check_inputs, default_out_dir, resume_config
+
+            dep = check_deployment(args.address, args.tls_dir, args.insecure, args.auth_keys)
+            if args.resume:
+                cfg = resume_config(_resume_out(args, ("address", "tls_dir", "insecure", "auth_keys")))
+            else:
+                cfg = run_config_from_args(args)
+                cfg.out = cfg.out or str(default_out_dir(cfg))
+            check_inputs(cfg)
+            out = coordinate(cfg, dep, resume=args.resume)
+            print(f"done: outputs in {out}")
+        elif args.command == "client":
+            from fedlora.agent import run_agent
+
+            return run_agent(
+                args.coordinator, args.data, rank=args.rank, device=args.device, dp_epsilon=args.dp_epsilon,
+                root_cert=args.root_cert, insecure=args.insecure, auth_key=args.auth_key, state_dir=args.state_dir,
+                text_column=args.text_column, label_column=args.label_column, max_wait_s=args.max_wait,
+            )
+        elif args.command == "certs":
+            from fedlora.certs import write_certificates
+
+            print(f"wrote {write_certificates(args.out, args.host, args.clients)}")
+        elif args.command == "partition":
+            from fedlora.task import write_partitions
+
+            cfg = RunConfig(clients=args.clients, data=args.data, text_column=args.text_column, label_column=args.label_column,
+                            partition=args.partition, alpha=args.alpha, seed=args.seed)
+            cfg.validate()
+            for path in write_partitions(cfg, args.out):
+                print(f"wrote {path}")
         elif args.command == "export":
             from fedlora.export import export_run
 

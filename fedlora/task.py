@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -119,3 +120,19 @@ def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, se
 @functools.lru_cache(maxsize=2)
 def tokenizer_for(model: str | None):
     return load_tokenizer(model)
+
+
+def write_partitions(cfg: RunConfig, out: str | Path) -> list[Path]:
+    """One JSONL file per client from the training split (the same split and partition a
+    simulation with these settings uses); the held-out rows stay out of every file."""
+    splits = load_splits(cfg)
+    train = splits.train
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, indices in enumerate(splits.partitions, start=1):
+        path = out / f"client-{i}.jsonl"
+        rows = (json.dumps({"text": train.texts[j], "label": train.label_names[train.labels[j]]}) for j in indices)
+        path.write_text("".join(row + "\n" for row in rows))
+        paths.append(path)
+    return paths

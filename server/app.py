@@ -49,6 +49,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
 
     splits = load_splits(cfg)
     num_labels = len(splits.label_names)
+    cfg.labels = tuple(splits.label_names)  # deployed clients map their own files' labels onto these
     spec = lora_spec(cfg)
     strategy = make_strategy(cfg.strategy, spec, init_step=cfg.lr)
     global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed))
@@ -196,3 +197,32 @@ def make_server_app(cfg: RunConfig, out_dir: Path, progress=print, resume: bool 
         run_federation(grid, cfg, out_dir, progress, resume)
 
     return app
+
+
+def _append_line(path: Path, line: str) -> None:
+    with path.open("a") as fh:
+        fh.write(line + "\n")
+
+
+app = ServerApp()  # the coordinator's ServerApp under a SuperLink (``fedlora coordinator``)
+
+
+@app.main()
+def deployed_main(grid: Grid, context: Context) -> None:
+    """The run config carries the fedlora settings as JSON and whether to resume; progress
+    goes to ``coordinator.log`` in the output folder, which ``fedlora coordinator`` echoes."""
+    cfg = RunConfig.from_dict(json.loads(str(context.run_config["fedlora-config"])))
+    out_dir = Path(str(cfg.out))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "coordinator.log"
+
+    def progress(line: str) -> None:
+        _append_line(log_path, line)
+
+    logging.basicConfig(level=logging.INFO)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    summary = run_federation(grid, cfg, out_dir, progress, resume=bool(context.run_config.get("resume", False)))
+    progress(f"run finished: final accuracy {summary['final_accuracy']}")

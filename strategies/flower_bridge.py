@@ -87,6 +87,7 @@ class FlowerStrategy(Strategy):
         self.robust_mode = robust_mode
         self.stats = RoundStats()
         self.init_stats: RoundStats | None = None
+        self.connected: list[int] = []  # the nodes seen when the last round started
         self.synced: dict[int, int] = {}  # node -> last round whose state it holds
         self.epsilons: dict[int, float] = {}  # node -> privacy spent so far, as it last reported
 
@@ -138,8 +139,14 @@ class FlowerStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None, grid: Grid
     ) -> Iterable[Message]:
-        nodes = self.sample(server_round, list(grid.get_node_ids()))
+        connected = list(grid.get_node_ids())
+        nodes = self.sample(server_round, connected)
         self.stats = RoundStats(sampled=nodes)
+        gone = sorted(set(self.connected) - set(connected))
+        if gone:
+            self.stats.reasons.append(f"client(s) {gone} disconnected")
+            log.warning("round %d: client(s) %s disconnected since the last round", server_round, gone)
+        self.connected = connected
         common = self.strategy.broadcast(self.global_state)
         shared_payload = None
         messages = []
@@ -197,12 +204,15 @@ class FlowerStrategy(Strategy):
         kind: str,
     ) -> list[tuple[ClientUpdate, MetricRecord | None]]:
         valid = []
+        answered: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
                 stats.failed += 1
                 reason = (reply.error.reason or "no reason given").strip().splitlines()
-                log.warning("client %s failed in round %d: %s", node, server_round, reason[-1] if reason else "")
+                who = node if node in stats.sampled else "(unreachable)"
+                log.warning("client %s failed in round %d: %s", who, server_round, reason[-1] if reason else "")
                 continue
             # the node answered, so it holds this round's state whatever we make of its update
             if server_round > 0:
@@ -231,6 +241,11 @@ class FlowerStrategy(Strategy):
                 log.warning("rejected update from client %s in round %d: %s", node, server_round, exc)
                 continue
             valid.append((ClientUpdate(node, tensors, n), metrics))
+        # a node that vanished is answered for by the SuperLink, not by itself
+        dropped = sorted(set(stats.sampled) - answered)
+        if dropped:
+            stats.reasons.append(f"no reply from client(s) {dropped}")
+            log.warning("round %d: no reply from client(s) %s (dropped out)", server_round, dropped)
         return valid
 
     @property

@@ -1,0 +1,202 @@
+"""``fedlora coordinator``: Flower's SuperLink and one federated run, supervised as a group.
+
+The SuperLink serves client agents on ``--address`` (gRPC, TLS unless ``--insecure``) and
+its control API on a loopback port only. The run is the same ServerApp as the simulation
+(``fedlora.server.app:app``), submitted as a Flower app whose run config carries the
+fedlora settings. Everything Flower keeps goes under ``OUT/.flower``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.config import RunConfig
+from fedlora.errors import UserError
+from fedlora.processes import (
+    child_env,
+    flower_executable,
+    free_loopback_port,
+    last_line,
+    start,
+    stop,
+    terminate_on_sigterm,
+    wait_for_port,
+)
+
+APP_PYPROJECT = """\
+[project]
+name = "fedlora-run"
+version = "1.0.0"
+description = "a fedlora federated run (the code is the installed fedlora package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedlora"
+
+[tool.flwr.app.components]
+serverapp = "fedlora.server.app:app"
+clientapp = "fedlora.client.app:app"
+
+[tool.flwr.app.config]
+fedlora-config = "{}"
+resume = false
+"""
+TLS_FILES = ("ca.crt", "server.pem", "server.key")
+POLL_S = 2.0
+STATUS_EVERY_S = 15.0
+FINISHED = "run finished"  # the ServerApp's last progress line
+
+
+@dataclass
+class Deployment:
+    address: str  # HOST:PORT the client agents connect to
+    tls_dir: Path | None  # None: --insecure
+    auth_keys: list[Path]
+    startup_timeout_s: float = 60.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_deployment(address: str, tls_dir: str | None, insecure: bool, auth_keys: str | None) -> Deployment:
+    parse_address(address)
+    if (tls_dir is None) == (not insecure):
+        raise UserError("choose one of --tls-dir DIR (TLS) or --insecure")
+    tls = None
+    if tls_dir is not None:
+        tls = Path(tls_dir).resolve()
+        missing = [name for name in TLS_FILES if not (tls / name).is_file()]
+        if missing:
+            raise UserError(f"--tls-dir {tls_dir} lacks {', '.join(missing)} (fedlora certs writes them)")
+    keys: list[Path] = []
+    if auth_keys is not None:
+        if tls is None:
+            raise UserError("--auth-keys needs TLS: Flower authenticates nodes only over encrypted connections")
+        folder = Path(auth_keys)
+        if not folder.is_dir():
+            raise UserError(f"--auth-keys: no such folder {auth_keys}")
+        keys = sorted(p.resolve() for p in folder.glob("*.pub"))
+        if not keys:
+            raise UserError(f"--auth-keys {auth_keys} holds no *.pub public keys")
+    return Deployment(address, tls, keys)
+
+
+class _Flower:
+    """The ``flwr`` command line, talking to our SuperLink's control API."""
+
+    def __init__(self, home: Path, control_port: int, tls_dir: Path | None):
+        home.mkdir(parents=True, exist_ok=True)
+        conn = "insecure = true" if tls_dir is None else f"root-certificates = {json.dumps(str(tls_dir / 'ca.crt'))}"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{control_port}"\n{conn}\n'
+        )
+        self.env = child_env(home)
+        self.exe = flower_executable("flwr")
+
+    def call(self, *args: str) -> dict:
+        proc = subprocess.run([self.exe, *args, "--format", "json"], env=self.env, capture_output=True, text=True)
+        text = proc.stdout
+        try:
+            result = json.loads(text[text.index("{") :])
+        except ValueError:
+            result = {}
+        if proc.returncode != 0 or not result.get("success", True):
+            detail = result.get("error-message") or (proc.stderr or text).strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''}: {detail if isinstance(detail, str) else detail[0]}")
+        return result
+
+
+def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
+    """The Flower app folder (just its pyproject) and the run config file for ``flwr run``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    run_config = folder.parent / "run-config.toml"
+    run_config.write_text(f"fedlora-config = {json.dumps(json.dumps(cfg.to_dict()))}\nresume = {str(resume).lower()}\n")
+    return run_config
+
+
+def _echo_new_lines(path: Path, offset: int, progress) -> int:
+    if not path.is_file():
+        return offset
+    with path.open() as fh:
+        fh.seek(offset)
+        for line in fh.read().splitlines():
+            progress(line)
+        return fh.tell()
+
+
+def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=print) -> Path:
+    """Start the SuperLink, submit the run, echo its progress, stop everything; the
+    outputs land in ``cfg.out``. Raises UserError when the run fails."""
+    out = Path(str(cfg.out)).resolve()
+    cfg.out = str(out)
+    flower = out / ".flower"
+    (flower / "superlink").mkdir(parents=True, exist_ok=True)
+    log_path = out / "coordinator.log"
+    if not resume:
+        log_path.unlink(missing_ok=True)
+    control_port = free_loopback_port()
+    cmd = [flower_executable("flower-superlink")]
+    if dep.tls_dir is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(dep.tls_dir / "ca.crt"), "--ssl-certfile", str(dep.tls_dir / "server.pem")]
+        cmd += ["--ssl-keyfile", str(dep.tls_dir / "server.key")]
+    cmd += ["--fleet-api-address", dep.address, "--host", "127.0.0.1", "--port", str(control_port)]
+    cmd += ["--disable-runtime-dependency-installation"]  # run on this environment, never install into it
+    # registrations and node ids outlive the process: after a crash, --resume finds the
+    # client agents (which keep retrying) under the ids they had
+    cmd += ["--database", str(flower / "state.db")]
+    if dep.auth_keys:
+        cmd.append("--enable-supernode-auth")
+
+    terminate_on_sigterm()
+    superlink_log = flower / "superlink.log"
+    superlink = start(cmd, child_env(flower / "superlink"), superlink_log)
+    try:
+        try:
+            wait_for_port("127.0.0.1", control_port, superlink, dep.startup_timeout_s, "the SuperLink")
+        except UserError as exc:
+            raise UserError(f"{exc}: {last_line(superlink_log)}") from None
+        cli = _Flower(flower / "cli", control_port, dep.tls_dir)
+        for key in dep.auth_keys:
+            try:
+                cli.call("supernode", "register", str(key))
+            except UserError as exc:
+                if "already in use" not in str(exc):  # registered by an earlier start of this run
+                    raise
+        progress(f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
+                 f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
+                 f"waiting for {cfg.clients} clients")
+        run_config = write_app(flower / "app", cfg, resume)
+        run_id = cli.call("run", str(flower / "app"), "local", "--run-config", str(run_config))["run-id"]
+        offset, last_ask = 0, time.monotonic()
+        while True:
+            time.sleep(POLL_S)
+            before = offset
+            offset = _echo_new_lines(log_path, offset, progress)
+            if superlink.poll() is not None:
+                raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
+            # each flwr call costs a second of CPU: ask often only once the run says it is done
+            finished_line = offset > before and FINISHED in last_line(log_path, (FINISHED,))
+            if not finished_line and time.monotonic() - last_ask < STATUS_EVERY_S:
+                continue
+            last_ask = time.monotonic()
+            runs = cli.call("ls", "--run-id", str(run_id)).get("runs", [])
+            status = runs[0].get("status", "") if runs else ""
+            if status.startswith("finished"):
+                _echo_new_lines(log_path, offset, progress)
+                if status != "finished:completed":
+                    raise UserError(f"the run {status}: {runs[0].get('status-details') or last_line(log_path)}")
+                return out
+    finally:
+        stop(superlink)

@@ -1,0 +1,116 @@
+"""Child processes of ``fedlora coordinator`` and ``fedlora client``: Flower's executables,
+each in its own process group so that stopping one stops everything it started."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedlora.errors import UserError
+
+PR_SET_PDEATHSIG = 1
+
+
+def flower_executable(name: str) -> str:
+    """``flower-superlink``, ``flwr``...: the one beside this interpreter, else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(f"cannot find Flower's {name} executable: is flwr installed in this environment?")
+    return found
+
+
+def child_env(flower_home: Path) -> dict[str, str]:
+    """Flower keeps its state under FLWR_HOME; our interpreter's folder goes first on PATH
+    so that Flower's own children (superexec, serverapp, clientapp) come from the same install."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flower_home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this child when its parent dies, even by SIGKILL, so that a killed
+    coordinator or agent leaves no SuperLink or SuperNode running behind it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def start(cmd: Sequence[str], env: dict[str, str], log_path: Path | None) -> subprocess.Popen:
+    out = open(log_path, "ab") if log_path is not None else subprocess.PIPE
+    return subprocess.Popen(
+        list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+    )
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the whole process group, then SIGKILL to what is left."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; children left in its group get the same signal once more
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        break
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"{what} exited with status {proc.returncode} while starting")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise UserError(f"{what} did not open {host}:{port} within {timeout_s:.0f} s")
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so that ``finally`` blocks stop the children."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def last_line(path: Path, needles: Sequence[str] = ("error", "Error", "ERROR", "refused", "failed")) -> str:
+    """The last log line that says what went wrong (or the last line at all)."""
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if any(n in line for n in needles):
+            return line
+    return lines[-1] if lines else ""

@@ -1,0 +1,85 @@
+"""A real deployment on loopback: a coordinator and three client agents as separate
+processes, TLS and node authentication on, two rounds of Fed-SB. Strangers are refused,
+and a client killed mid-run leaves the others to finish."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from deployment_helpers import SMALL, fedlora, kill_group, rounds_logged, stop_all, supernode_pids, wait_until
+
+from fedlora.processes import free_loopback_port
+
+@pytest.mark.slow
+def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
+    certs, stranger_ca, parts, out = tmp_path / "certs", tmp_path / "other-ca", tmp_path / "parts", tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "4"]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(stranger_ca), "--clients", "0"]).returncode == 0
+    (certs / "auth-keys" / "client-4.pub").unlink()  # client 4 has a key pair, but it is not registered
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "3"]).returncode == 0
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL)
+    address = f"127.0.0.1:{free_loopback_port()}"
+
+    procs: list[subprocess.Popen] = []
+    try:
+        coordinator = fedlora(
+            "coordinator", "--address", address, "--min-clients", "3", "--strategy", "fedsb", "--rounds", "2",
+            "--tls-dir", str(certs), "--auth-keys", str(certs / "auth-keys"), "--out", str(out), "--config", str(config),
+            log=tmp_path / "coordinator.out",
+        )
+        procs.append(coordinator)
+
+        def agent(i: int, key: str, ca: Path, name: str, *extra: str) -> subprocess.Popen:
+            proc = fedlora(
+                "client", "--coordinator", address, "--data", str(parts / f"client-{min(i, 3)}.jsonl"),
+                "--root-cert", str(ca / "ca.crt"), "--auth-key", str(certs / "clients" / key),
+                "--state-dir", str(tmp_path / name), *extra, log=tmp_path / f"{name}.out",
+            )
+            procs.append(proc)
+            return proc
+
+        for i in (1, 2, 3):
+            agent(i, f"client-{i}", certs, f"agent-{i}")
+        unregistered = agent(4, "client-4", certs, "unregistered", "--max-wait", "30")
+        no_ca = agent(1, "client-1", stranger_ca, "no-ca", "--max-wait", "30")  # trusts another CA only
+
+        refusals = {}
+        for proc, name in ((unregistered, "unregistered"), (no_ca, "no-ca")):
+            proc.wait(timeout=120)
+            text = (tmp_path / f"{name}.out").read_text()
+            assert proc.returncode != 0, text
+            errors = [line for line in text.splitlines() if line.startswith("fedlora: error:")]
+            assert len(errors) == 1 and "agent stopped" in errors[0], text
+            assert "Traceback" not in text
+            refusals[name] = errors[0]
+        assert "key" in refusals["unregistered"] and "registered" in refusals["unregistered"]
+        assert "TLS handshake" in refusals["no-ca"]
+
+        wait_until(lambda: rounds_logged(out) >= 1 or coordinator.poll() is not None, 600, "round 1")
+        assert coordinator.poll() is None, (tmp_path / "coordinator.out").read_text()
+        victims = supernode_pids(str(tmp_path / "agent-3"))
+        assert victims, "agent 3's SuperNode not found"
+        for pid in victims:  # the client's machine goes away: its node and everything it runs
+            kill_group(pid)
+        kill_group(procs[3].pid)
+
+        coordinator.wait(timeout=600)
+        log = (tmp_path / "coordinator.out").read_text()
+        assert coordinator.returncode == 0, log
+    finally:
+        stop_all(procs, tmp_path)
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert metrics[0]["clients"] == 3 and metrics[0]["rejected"] == 0
+    assert metrics[1]["clients"] == 2  # the killed client's round-2 update never came
+    assert metrics[1]["failed"] >= 1 or metrics[1]["sampled"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "fedsb" and summary["rounds"] == 2 and summary["init_bytes_up"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    coordinator_log = (out / "coordinator.log").read_text()
+    assert "initialisation from 3 clients" in coordinator_log
+    assert "no reply from client" in coordinator_log or "disconnected since the last round" in coordinator_log
