@@ -7,7 +7,6 @@ serves the coordinator's runs until stopped.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import threading
@@ -22,13 +21,18 @@ DEVICES = ("auto", "cuda", "cpu")
 
 
 def node_config(data: Path, rank: int | None, device: str, dp_epsilon: float | None, state_dir: Path) -> str:
-    """Flower's ``--node-config``: TOML ``key=value`` pairs (JSON strings are valid TOML strings)."""
-    pairs = {"data-path": json.dumps(str(data)), "device": json.dumps(device), "state-dir": json.dumps(str(state_dir))}
+    """Flower's ``--node-config``: ``key=value`` pairs, strings as TOML literal strings
+    (Flower's parser allows any character in them but the quote itself)."""
+    for path in (data, state_dir):
+        if "'" in str(path):
+            raise UserError(f"paths with a ' cannot be passed to Flower's node config: {path}")
+    pairs = [f"data-path='{data}'", f"state-dir='{state_dir}'"]
     if rank is not None:
-        pairs["rank"] = str(rank)
+        pairs.append(f"rank={int(rank)}")
     if dp_epsilon is not None:
-        pairs["dp-epsilon"] = repr(float(dp_epsilon))
-    return " ".join(f"{k}={v}" for k, v in pairs.items())
+        pairs.append(f"dp-epsilon={float(dp_epsilon)!r}")
+    pairs.append(f"device='{device}'")  # last: Flower reads a value ending in .toml as a file name
+    return " ".join(pairs)
 
 
 def check_agent(

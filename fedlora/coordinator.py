@@ -134,6 +134,30 @@ def _echo_new_lines(path: Path, offset: int, progress) -> int:
         return fh.tell()
 
 
+def _start_superlink(dep: Deployment, flower: Path, fleet_address: str, log_path: Path) -> tuple[subprocess.Popen, _Flower]:
+    control_port = free_loopback_port()
+    cmd = [flower_executable("flower-superlink")]
+    if dep.tls_dir is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(dep.tls_dir / "ca.crt"), "--ssl-certfile", str(dep.tls_dir / "server.pem")]
+        cmd += ["--ssl-keyfile", str(dep.tls_dir / "server.key")]
+    cmd += ["--fleet-api-address", fleet_address, "--host", "127.0.0.1", "--port", str(control_port)]
+    cmd += ["--disable-runtime-dependency-installation"]  # run on this environment, never install into it
+    # registrations and node ids outlive the process: after a crash, --resume finds the
+    # client agents (which keep retrying) under the ids they had
+    cmd += ["--database", str(flower / "state.db")]
+    if dep.auth_keys:
+        cmd.append("--enable-supernode-auth")
+    superlink = start(cmd, child_env(flower / "superlink"), log_path)
+    try:
+        wait_for_port("127.0.0.1", control_port, superlink, dep.startup_timeout_s, "the SuperLink")
+    except UserError as exc:
+        stop(superlink)
+        raise UserError(f"{exc}: {last_line(log_path)}") from None
+    return superlink, _Flower(flower / "cli", control_port, dep.tls_dir)
+
+
 def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=print) -> Path:
     """Start the SuperLink, submit the run, echo its progress, stop everything; the
     outputs land in ``cfg.out``. Raises UserError when the run fails."""
@@ -142,44 +166,34 @@ def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=p
     flower = out / ".flower"
     (flower / "superlink").mkdir(parents=True, exist_ok=True)
     log_path = out / "coordinator.log"
-    if not resume:
+    if not resume:  # a fresh run: no log, registrations or runs of an earlier one in this folder
         log_path.unlink(missing_ok=True)
-    control_port = free_loopback_port()
-    cmd = [flower_executable("flower-superlink")]
-    if dep.tls_dir is None:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--ssl-ca-certfile", str(dep.tls_dir / "ca.crt"), "--ssl-certfile", str(dep.tls_dir / "server.pem")]
-        cmd += ["--ssl-keyfile", str(dep.tls_dir / "server.key")]
-    cmd += ["--fleet-api-address", dep.address, "--host", "127.0.0.1", "--port", str(control_port)]
-    cmd += ["--disable-runtime-dependency-installation"]  # run on this environment, never install into it
-    # registrations and node ids outlive the process: after a crash, --resume finds the
-    # client agents (which keep retrying) under the ids they had
-    cmd += ["--database", str(flower / "state.db")]
-    if dep.auth_keys:
-        cmd.append("--enable-supernode-auth")
-
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            (flower / name).unlink(missing_ok=True)
     terminate_on_sigterm()
     superlink_log = flower / "superlink.log"
-    superlink = start(cmd, child_env(flower / "superlink"), superlink_log)
-    try:
+    if dep.auth_keys:
+        # register the keys while the client API listens on a private loopback port only:
+        # an agent that connects before its key is registered would be refused for good
+        superlink, cli = _start_superlink(dep, flower, f"127.0.0.1:{free_loopback_port()}", superlink_log)
         try:
-            wait_for_port("127.0.0.1", control_port, superlink, dep.startup_timeout_s, "the SuperLink")
-        except UserError as exc:
-            raise UserError(f"{exc}: {last_line(superlink_log)}") from None
-        cli = _Flower(flower / "cli", control_port, dep.tls_dir)
-        for key in dep.auth_keys:
-            try:
-                cli.call("supernode", "register", str(key))
-            except UserError as exc:
-                if "already in use" not in str(exc):  # registered by an earlier start of this run
-                    raise
+            for key in dep.auth_keys:
+                try:
+                    cli.call("supernode", "register", str(key))
+                except UserError as exc:
+                    if "already in use" not in str(exc):  # registered by an earlier start of this run
+                        raise
+        finally:
+            stop(superlink)
+    superlink, cli = _start_superlink(dep, flower, dep.address, superlink_log)
+    try:
         progress(f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
                  f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
                  f"waiting for {cfg.clients} clients")
         run_config = write_app(flower / "app", cfg, resume)
         run_id = cli.call("run", str(flower / "app"), "local", "--run-config", str(run_config))["run-id"]
-        offset, last_ask = 0, time.monotonic()
+        offset = log_path.stat().st_size if resume and log_path.is_file() else 0  # echo only what is new
+        last_ask = time.monotonic()
         while True:
             time.sleep(POLL_S)
             before = offset

@@ -1,0 +1,63 @@
+"""A deployed coordinator killed with SIGKILL during round 2 takes its SuperLink with it;
+``fedlora coordinator --resume`` continues from round 1's checkpoint with the same client
+agents, which reconnect on their own, and every round is logged exactly once."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+from deployment_helpers import SMALL, fedlora, processes_mentioning, rounds_logged, stop_all, wait_until
+
+from fedlora.processes import free_loopback_port
+
+
+@pytest.mark.slow
+def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
+    certs, parts, out = tmp_path / "certs", tmp_path / "parts", tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "2"]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "2"]).returncode == 0
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL)
+    address = f"127.0.0.1:{free_loopback_port()}"
+    deployment = ["--address", address, "--tls-dir", str(certs), "--auth-keys", str(certs / "auth-keys")]
+
+    procs: list[subprocess.Popen] = []
+    try:
+        first = fedlora(
+            "coordinator", *deployment, "--min-clients", "2", "--rounds", "3", "--out", str(out), "--config", str(config),
+            log=tmp_path / "first.out",
+        )
+        procs.append(first)
+        for i in (1, 2):
+            procs.append(
+                fedlora(
+                    "client", "--coordinator", address, "--data", str(parts / f"client-{i}.jsonl"),
+                    "--root-cert", str(certs / "ca.crt"), "--auth-key", str(certs / "clients" / f"client-{i}"),
+                    "--state-dir", str(tmp_path / f"agent-{i}"), log=tmp_path / f"agent-{i}.out",
+                )
+            )
+        wait_until(lambda: rounds_logged(out) >= 1 or first.poll() is not None, 600, "round 1")
+        assert first.poll() is None, (tmp_path / "first.out").read_text()
+        first.send_signal(signal.SIGKILL)  # the coordinator alone: its SuperLink must follow it
+        first.wait(timeout=30)
+        wait_until(lambda: not processes_mentioning(str(out / ".flower")), 60, "the SuperLink to stop")
+        killed_after = rounds_logged(out)
+        assert killed_after < 3
+
+        second = fedlora("coordinator", *deployment, "--resume", "--out", str(out), log=tmp_path / "second.out")
+        procs.append(second)
+        second.wait(timeout=900)
+        log = (tmp_path / "second.out").read_text()
+        assert second.returncode == 0, log
+        assert "resuming" in log
+    finally:
+        stop_all(procs, tmp_path)
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert all(m["clients"] == 2 for m in metrics)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["resumed_after_round"] >= 1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

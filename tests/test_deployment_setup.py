@@ -1,0 +1,135 @@
+"""Deployment pieces that need no network: certificates, flag checks, node config,
+partition files and a deployed client's view of its own data."""
+
+import json
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from flwr.app import Context, RecordDict
+from flwr.common.config import parse_config_args
+
+from client.app import local_setup, pick_device
+from fedlora.agent import check_agent, node_config
+from fedlora.certs import write_certificates
+from fedlora.cli import main
+from fedlora.config import RunConfig
+from fedlora.coordinator import check_deployment, parse_address
+from fedlora.data import TextDataset, align_labels
+from fedlora.errors import UserError
+from fedlora.task import load_splits, write_partitions
+
+
+def test_certificates_chain_to_the_ca_and_name_the_host(tmp_path):
+    write_certificates(tmp_path, "coord.example.org", clients=2)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    ca.public_key().verify(server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"coord.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    for i in (1, 2):
+        key = serialization.load_ssh_private_key((tmp_path / "clients" / f"client-{i}").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        public = (tmp_path / "auth-keys" / f"client-{i}.pub").read_bytes().strip()
+        assert public == key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    with pytest.raises(UserError, match="already holds a CA"):
+        write_certificates(tmp_path, "coord.example.org", clients=1)
+
+
+def test_deployment_flags_are_checked_before_anything_starts(tmp_path):
+    assert parse_address("0.0.0.0:9092") == ("0.0.0.0", 9092)
+    for bad in ("9092", "host:", "host:http", "host:70000"):
+        with pytest.raises(UserError, match="HOST:PORT"):
+            parse_address(bad)
+    with pytest.raises(UserError, match="--tls-dir DIR .* or --insecure"):
+        check_deployment("127.0.0.1:9092", None, False, None)
+    with pytest.raises(UserError, match="lacks ca.crt, server.pem, server.key"):
+        check_deployment("127.0.0.1:9092", str(tmp_path), False, None)
+    with pytest.raises(UserError, match="needs TLS"):
+        check_deployment("127.0.0.1:9092", None, True, str(tmp_path))
+    write_certificates(tmp_path / "c", "localhost", clients=0)
+    with pytest.raises(UserError, match="no \\*.pub"):
+        check_deployment("127.0.0.1:9092", str(tmp_path / "c"), False, str(tmp_path / "c" / "auth-keys"))
+    dep = check_deployment("127.0.0.1:9092", str(tmp_path / "c"), False, None)
+    assert dep.tls_dir == (tmp_path / "c").resolve() and dep.auth_keys == []
+
+
+def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a", "label": "x"}) + "\n")
+    ok = dict(coordinator="127.0.0.1:9092", data=str(data), rank=None, device="cpu", dp_epsilon=None,
+              root_cert=None, insecure=True, auth_key=None, text_column="text", label_column="label")
+    check_agent(**ok)
+    cases = [
+        ({"insecure": False}, "--root-cert FILE .* or --insecure"),
+        ({"insecure": False, "root_cert": str(tmp_path / "none.crt")}, "no such file"),
+        ({"auth_key": str(data)}, "needs TLS"),
+        ({"rank": 0}, "rank must be >= 1"),
+        ({"dp_epsilon": -1.0}, "dp-epsilon must be > 0"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"data": str(tmp_path / "missing.jsonl")}, "not found|no such|does not exist"),
+        ({"coordinator": "nowhere"}, "HOST:PORT"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "CUDA is not available"))
+    for change, message in cases:
+        with pytest.raises(UserError, match=message):
+            check_agent(**{**ok, **change})
+
+
+def test_node_config_survives_flowers_parser(tmp_path):
+    data = tmp_path / "a folder" / 'x"y.jsonl'
+    parsed = parse_config_args([node_config(data, 4, "auto", 8.0, tmp_path / "state.toml")])
+    assert parsed == {"data-path": str(data), "state-dir": str(tmp_path / "state.toml"), "rank": 4, "dp-epsilon": 8.0, "device": "auto"}
+    assert parse_config_args([node_config(data, None, "cpu", None, tmp_path)]) == {
+        "data-path": str(data), "state-dir": str(tmp_path), "device": "cpu"
+    }
+    with pytest.raises(UserError, match="cannot be passed"):
+        node_config(tmp_path / "it's.jsonl", None, "cpu", None, tmp_path)
+
+
+def test_partition_files_cover_the_training_split_only(tmp_path):
+    cfg = RunConfig(clients=3)
+    paths = write_partitions(cfg, tmp_path)
+    assert [p.name for p in paths] == ["client-1.jsonl", "client-2.jsonl", "client-3.jsonl"]
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines()]
+    splits = load_splits(cfg)
+    assert len(rows) == len(splits.train)
+    assert sorted(r["text"] for r in rows) == sorted(splits.train.texts)  # the held-out rows are in no file
+    assert {r["label"] for r in rows} == set(splits.label_names)
+
+
+def test_labels_are_matched_by_name():
+    local = TextDataset(["a", "b", "c"], [0, 1, 0], ["sports", "business"])
+    aligned = align_labels(local, ["business", "politics", "sports"])
+    assert aligned.labels == [2, 0, 2] and aligned.label_names == ["business", "politics", "sports"]
+    with pytest.raises(UserError, match="not in the federation's label set"):
+        align_labels(TextDataset(["a"], [0], ["weather"]), ["business", "sports"])
+
+
+def test_a_deployed_client_reads_its_own_file(tmp_path):
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\nshares rose,business\nthe match,sports\n")
+    cfg = RunConfig(labels=("business", "politics", "sports"), dp_epsilon=3.0, rank=8)
+    node = {"data-path": str(data), "rank": 4, "device": "cpu", "dp-epsilon": 1.5, "state-dir": str(tmp_path / "s")}
+    setup = local_setup(cfg, Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
+    assert setup.data.texts == ["shares rose", "the match"] and setup.data.labels == [0, 2]
+    assert (setup.rank, setup.num_labels, setup.dp_epsilon, setup.index) == (4, 3, 1.5, 77)
+    assert setup.dp_file == tmp_path / "s" / "privacy.json" and not setup.simulated
+    assert setup.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="no label set"):
+        local_setup(RunConfig(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
+    assert pick_device("auto").type in ("cpu", "cuda")
+
+
+def test_cli_deployment_errors_are_one_line(capsys):
+    assert main(["coordinator", "--address", "nowhere", "--insecure"]) == 2
+    assert main(["coordinator", "--address", "127.0.0.1:9092"]) == 2
+    assert main(["coordinator", "--address", "127.0.0.1:9092", "--insecure", "--resume"]) == 2
+    assert main(["client", "--coordinator", "127.0.0.1:9092", "--data", "missing.jsonl", "--insecure"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("fedlora: error:") for line in lines)
