@@ -61,3 +61,24 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["resumed_after_round"] >= 1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_coordinator_and_everything_it_started(tmp_path):
+    out = tmp_path / "run"
+    address = f"127.0.0.1:{free_loopback_port()}"
+    proc = fedlora("coordinator", "--address", address, "--insecure", "--min-clients", "2", "--out", str(out),
+                   log=tmp_path / "coordinator.out")
+    try:
+        wait_until(lambda: "waiting for 2 clients" in (tmp_path / "coordinator.out").read_text() or proc.poll() is not None,
+                   120, "the coordinator to start")
+        assert proc.poll() is None, (tmp_path / "coordinator.out").read_text()
+        wait_until(lambda: bool(processes_mentioning("flwr-serverapp")) or bool(processes_mentioning(str(out / ".flower"))),
+                   60, "the SuperLink")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert proc.returncode != 0
+        children = (str(out / ".flower"), "flwr-serverapp", "flower-superexec")
+        wait_until(lambda: not any(processes_mentioning(c) for c in children), 30, "every child to stop")
+    finally:
+        stop_all([proc], tmp_path)
