@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    handler_start = time.perf_counter()
     record = msg.content[RECORD]
     cfg = RunConfig.from_dict(json.loads(record["run_config"]))
     round_num = int(record["round"])
@@ -218,4 +220,5 @@ def train(msg: Message, context: Context) -> Message:
         {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples}
     )
     metrics.update(epsilon_metric(dp, history))
+    metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode
     return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": metrics}), reply_to=msg)

@@ -77,7 +77,9 @@ class LoRALinear(nn.Module):
         """PEFT's default init: A Kaiming-uniform, B zero, so the adapter starts as a no-op."""
         bound = 1.0 / math.sqrt(self.lora_A.in_features)  # kaiming_uniform_(a=sqrt(5))
         with torch.no_grad():
-            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
+            # drawn on the CPU: the same numbers whatever device the model is on
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
             if self.lora_R is not None:
                 self.lora_R.weight.copy_(torch.eye(self.rank))
@@ -231,4 +233,4 @@ def set_base_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Non
                 continue
             module.pretrained_weight = weight.detach().clone()
         base = module.pretrained_weight
-        weight.copy_(base + deltas[name].to(weight.dtype) if name in deltas else base)
+        weight.copy_(base + deltas[name].to(weight.device, weight.dtype) if name in deltas else base)

@@ -80,6 +80,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     for rnd in range(done + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(bridge.configure_train(rnd, None, None, grid), timeout=REPLY_TIMEOUT_S)
+        t_agg = time.perf_counter()
         bridge.aggregate_train(rnd, replies)
         t_eval = time.perf_counter()
         eval_model = adapted_model(cfg.model, num_labels, strategy.spec)
@@ -103,6 +104,8 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
             "declined": s.declined,
             "epsilon": bridge.worst_epsilon,
             "train_seconds": s.train_seconds,
+            "client_seconds": s.client_seconds,
+            "aggregate_seconds": t_eval - t_agg,
             "eval_seconds": time.perf_counter() - t_eval,
             "seconds": time.perf_counter() - t0,
         }

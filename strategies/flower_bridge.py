@@ -59,6 +59,8 @@ class RoundStats:
     aggregation_error: float | None = None
     train_loss: float | None = None
     train_seconds: float = 0.0  # summed over clients: local training alone
+    client_seconds: float = 0.0  # summed over clients: their whole handling of the round
+    aggregate_seconds: float = 0.0  # decoding, validation, screening and aggregation on the server
     reasons: list[str] = field(default_factory=list)
 
 
@@ -180,6 +182,7 @@ class FlowerStrategy(Strategy):
         kept = [(metrics_of[u.client_id], u.num_examples) for u in updates]
         losses = [(loss, n) for m, n in kept if (loss := metric_value(m, "loss")) is not None]
         self.stats.train_seconds = sum(metric_value(m, "train-seconds") or 0.0 for m, _ in kept)
+        self.stats.client_seconds = sum(metric_value(m, "client-seconds") or 0.0 for m, _ in kept)
         result = self.strategy.aggregate(self.global_state, updates, server_round)
         new_state = self._in_wire_dtype(result.state)
         if not all_finite(new_state):  # finite updates whose mean overflows, or overflows the wire dtype

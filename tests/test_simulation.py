@@ -9,7 +9,8 @@ from fedlora.cli import main
 
 METRIC_KEYS = {
     "round", "strategy", "accuracy", "loss", "clients", "rejected", "bytes_up",
-    "bytes_down", "aggregation_error", "epsilon", "seconds",
+    "bytes_down", "aggregation_error", "epsilon", "seconds", "train_seconds", "client_seconds",
+    "aggregate_seconds", "eval_seconds",
 }
 SUMMARY_KEYS = {
     "strategy", "rounds", "num_clients", "model", "dataset", "final_accuracy",
@@ -42,6 +43,10 @@ def test_metrics_and_summary(run_dir):
     assert m["bytes_up"] > 0 and m["bytes_down"] > 0
     assert m["aggregation_error"] > 0  # FedAvg is not exact
     assert m["epsilon"] is None
+    # the round's time splits into parts that each happened and fit inside it
+    assert 0 < m["train_seconds"] < m["client_seconds"] < m["seconds"]
+    assert 0 < m["aggregate_seconds"] and 0 < m["eval_seconds"]
+    assert m["client_seconds"] + m["aggregate_seconds"] + m["eval_seconds"] < m["seconds"]
     s = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(s)
     assert s["num_clients"] == 2 and s["rounds"] == 1
