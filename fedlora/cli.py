@@ -51,6 +51,7 @@ def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None
     add("--batch-size", type=int, help="local batch size (default 16)")
     add("--lr", type=float, help="local learning rate (default 3e-3)")
     add("--max-length", type=int, help="tokens per example (default 64)")
+    add("--eval-max-examples", type=int, help="evaluate each round on a seeded slice of this many held-out examples (default 0: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:

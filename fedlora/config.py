@@ -96,6 +96,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_max_examples < 0:
+            raise UserError(f"eval-max-examples must be >= 0 (0: all), got {self.eval_max_examples}")
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.alpha <= 0:
