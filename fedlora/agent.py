@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 from fedlora.coordinator import parse_address
@@ -101,7 +102,7 @@ def run_agent(
         cmd += ["--max-wait-time", str(max_wait_s)]
     terminate_on_sigterm()
     node = start(cmd, child_env(state / "flower"), None)
-    problems: list[str] = []
+    problems: deque[str] = deque(maxlen=20)  # an agent may run for weeks of retry warnings
     # the SuperNode's children inherit its output pipe: read it on the side and wait for
     # the SuperNode itself, whose exit is what counts
     pump = threading.Thread(target=_echo, args=(node.stdout, problems), daemon=True)
@@ -116,7 +117,7 @@ def run_agent(
     return 0
 
 
-def _echo(stream, problems: list[str]) -> None:
+def _echo(stream, problems: deque[str]) -> None:
     for raw in stream:
         line = raw.decode(errors="replace").rstrip()
         sys.stdout.write(line + "\n")
@@ -134,7 +135,7 @@ KNOWN_REFUSALS = (
 )
 
 
-def _reason(problems: list[str]) -> str:
+def _reason(problems: deque[str]) -> str:
     """What the SuperNode's log says went wrong, in one line."""
     text = [ANSI.sub("", p).strip() for p in problems]
     for needle, reason in KNOWN_REFUSALS:

@@ -1,9 +1,9 @@
 """Child processes of ``fedlora coordinator`` and ``fedlora client``: Flower's executables,
-each in its own process group so that stopping one stops everything it started."""
+each under ``fedlora.guard`` in a session of its own, so that stopping it (or our own
+death) stops everything it started."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedlora.errors import UserError
-
-PR_SET_PDEATHSIG = 1
 
 
 def flower_executable(name: str) -> str:
@@ -40,21 +38,12 @@ def child_env(flower_home: Path) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this child when its parent dies, even by SIGKILL, so that a killed
-    coordinator or agent leaves no SuperLink or SuperNode running behind it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 def start(cmd: Sequence[str], env: dict[str, str], log_path: Path | None) -> subprocess.Popen:
+    """``cmd`` under ``fedlora.guard`` in a new session: stopping the returned process's
+    group stops everything ``cmd`` started, and so does our own death."""
     out = open(log_path, "ab") if log_path is not None else subprocess.PIPE
-    return subprocess.Popen(
-        list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
-    )
+    guarded = [sys.executable, "-m", "fedlora.guard", *cmd]
+    return subprocess.Popen(guarded, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -40,8 +40,9 @@ def supernode_pids(marker: str) -> list[int]:
 
 
 def kill_group(pid: int, sig=signal.SIGKILL) -> None:
+    """Signal the process group ``pid`` belongs to."""
     try:
-        os.killpg(pid, sig)
+        os.killpg(os.getpgid(pid), sig)
     except ProcessLookupError:
         pass
 

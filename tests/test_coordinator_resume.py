@@ -42,7 +42,9 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
         assert first.poll() is None, (tmp_path / "first.out").read_text()
         first.send_signal(signal.SIGKILL)  # the coordinator alone: its SuperLink must follow it
         first.wait(timeout=30)
-        wait_until(lambda: not processes_mentioning(str(out / ".flower")), 60, "the SuperLink to stop")
+        # the SuperLink and the run's ServerApp: a leftover ServerApp would write into the run folder
+        wait_until(lambda: not processes_mentioning(str(out / ".flower")) and not processes_mentioning("flwr-serverapp"),
+                   60, "the SuperLink and its ServerApp to stop")
         killed_after = rounds_logged(out)
         assert killed_after < 3
 

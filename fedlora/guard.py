@@ -1,0 +1,79 @@
+"""``python -m fedlora.guard CMD...``: run CMD, and take down everything below this process
+when our parent dies (even by SIGKILL), when we are signalled, or when CMD exits.
+
+Flower's SuperLink and SuperNode start children of their own (executors, in sessions of
+their own, and ServerApp or ClientApp processes) that outlive them when they are killed;
+a leftover ServerApp of a killed coordinator would go on writing into the run folder.
+``fedlora coordinator`` and ``fedlora client`` therefore start each Flower process under
+this guard: the kernel sends the guard SIGTERM when its parent dies (Linux
+PR_SET_PDEATHSIG), the guard is the subreaper of everything below it (orphans are
+re-parented to it, not to init), and it stops the whole tree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+GRACE_S = 10.0
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
+    except (OSError, AttributeError):
+        pass
+
+
+def take_down_descendants(grace_s: float = GRACE_S) -> None:
+    """SIGTERM every process below this one, then SIGKILL what is left after ``grace_s``.
+
+    Descendants, not the process group: Flower starts its executors in sessions of their own."""
+    import psutil
+
+    tree = psutil.Process().children(recursive=True)
+    for proc in tree:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m fedlora.guard CMD [ARGS...]", file=sys.stderr)
+        return 2
+    parent = os.getppid()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans below us stay ours to clean up
+    child = subprocess.Popen(argv)
+
+    def on_signal(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        take_down_descendants()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        on_signal(signal.SIGTERM, None)
+    code = child.wait()
+    take_down_descendants()  # whatever the command left behind
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
