@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
-from client.app import local_setup, pick_device
 from fedlora.agent import check_agent, node_config
+from fedlora.client.app import local_setup, pick_device
 from fedlora.certs import write_certificates
 from fedlora.cli import main
 from fedlora.config import RunConfig
