@@ -13,7 +13,6 @@ the worst client's final epsilon.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import threading
 import time
+
+from child_runs import add_loop_options, run_child
 
 
 def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict:
@@ -66,10 +66,7 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_loop_options(parser, steps=20)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -78,9 +75,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"plain": [], "dp": []}
     for _ in range(args.repeats):
         for mode in runs:
-            cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            runs[mode].append(json.loads(out))
+            runs[mode].append(run_child(__file__, "--mode", mode, args))
     median = {mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds_per_step", "peak_mb", "growth_mb")} for mode, rs in runs.items()}
     print(f"{'mode':<6} {'s/step':>8} {'training peak MB':>17} {'growth MB':>10}   (median of {args.repeats})")
     for mode, m in median.items():

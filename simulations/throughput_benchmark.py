@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
+
+from child_runs import add_loop_options, run_child
 
 
 def client_data():
@@ -95,10 +95,7 @@ def child(mode: str, steps: int, batch_size: int, max_length: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_loop_options(parser, steps=24)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -107,10 +104,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"fedlora": [], "peft": []}
     for r in range(args.repeats):
         for mode in ("fedlora", "peft") if r % 2 == 0 else ("peft", "fedlora"):
-            cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length)]
-            line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rates[mode].append(json.loads(line)["examples_per_s"])
+            rates[mode].append(run_child(__file__, "--child", mode, args)["examples_per_s"])
             print(f"repeat {r + 1} {mode:8s} {rates[mode][-1]:.1f} examples/s", flush=True)
     ours, theirs = statistics.median(rates["fedlora"]), statistics.median(rates["peft"])
     print(f"\nmedian examples/s: fedlora client {ours:.1f}, plain PyTorch + PEFT loop {theirs:.1f}")
