@@ -15,13 +15,13 @@ from flwr.clientapp import ClientApp
 from fedlora import privacy, wire
 from fedlora.adapters import adapter_state, reset_adapters, set_trainable
 from fedlora.config import RunConfig
-from fedlora.data import TextDataset, align_labels, load_text_file
+from fedlora.data import align_labels
 from fedlora.report import write_json_atomic
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import AdapterStrategy, State
 from fedlora.strategies.flower_bridge import PHASE_INIT, RECORD
-from fedlora.task import adapted_model, load_splits, lora_spec, tokenizer_for
-from fedlora.training import full_weight_gradients, train_local
+from fedlora.task import adapted_model, load_splits, load_task_data, lora_spec, tokenizer_for
+from fedlora.training import LocalData, full_weight_gradients, train_local
 
 app = ClientApp()
 
@@ -106,7 +106,7 @@ def decline(msg: Message, reason: str, epsilon: float) -> Message:
 class LocalSetup:
     """What one client trains on, and how."""
 
-    data: TextDataset
+    data: LocalData
     index: int  # seeds and (simulation) FLoRA rank: the partition id, or the node id when deployed
     rank: int
     num_labels: int
@@ -132,9 +132,12 @@ def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
     client takes its partition of the run's data."""
     node = context.node_config
     if "data-path" in node:
-        if not cfg.labels:
+        if cfg.task == "causal-lm":
+            data = load_task_data(cfg, str(node["data-path"]))
+        elif not cfg.labels:
             raise ValueError("the coordinator sent no label set")
-        data = align_labels(load_text_file(str(node["data-path"]), cfg.text_column, cfg.label_column), cfg.labels)
+        else:
+            data = align_labels(load_task_data(cfg, str(node["data-path"])), cfg.labels)
         budget = node.get("dp-epsilon")
         state_dir = node.get("state-dir")
         return LocalSetup(
@@ -173,10 +176,10 @@ def train(msg: Message, context: Context) -> Message:
 
     strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
     spec = strategy.client_spec(setup.rank)
-    net = adapted_model(cfg.model, setup.num_labels, spec).to(setup.device)
+    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task).to(setup.device)
     state = merge_held(context, strategy, wire.decode(record["payload"]).tensors)
     seed = cfg.seed * 1_000_003 + round_num * 1_009 + setup.index
-    tokenizer = tokenizer_for(cfg.model)
+    tokenizer = tokenizer_for(cfg.model, cfg.task)
     wire_dtype = str(record.get("wire_dtype", "fp32"))
     header = {"strategy": strategy.name, "round_num": round_num, "num_examples": len(local), "wire_dtype": wire_dtype}
 

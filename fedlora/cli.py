@@ -19,6 +19,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None:
     add = p.add_argument
     add("--config", help="TOML file with run settings (flags override it)")
+    add("--task", help="classify, or causal-lm: instruction tuning of a decoder (default classify)")
     add("--strategy", help="aggregation strategy: fedavg, ffa, flora or fedsb (default fedavg)")
     if simulated:
         add("--clients", type=int, help="number of clients (default 4)")
@@ -43,6 +44,10 @@ def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None
     add("--data", help="JSONL, CSV, TSV, Parquet file or datasets folder (default: embedded BBC News)")
     add("--text-column", help="text column in --data (default text)")
     add("--label-column", help="label column in --data (default label)")
+    add("--prompt-column", help="causal-lm: prompt column (default: first of instruction, prompt, question)")
+    add("--response-column", help="causal-lm: response column (default: first of response, output, answer, completion)")
+    add("--max-new-tokens", type=int, help="causal-lm: tokens generated per answer in the final evaluation (default 256)")
+    add("--generation-eval-examples", type=int, help="causal-lm: held-out prompts answered in the final evaluation (default 50; 0: all)")
     add("--eval-data", help="held-out file for central evaluation (default: a split of --data)")
     add("--test-fraction", type=float, help="share held out for evaluation (default 0.2)")
     add("--partition", help="iid or dirichlet (default dirichlet)")
@@ -51,7 +56,8 @@ def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None
     add("--batch-size", type=int, help="local batch size (default 16)")
     add("--lr", type=float, help="local learning rate (default 3e-3)")
     add("--max-length", type=int, help="tokens per example (default 64)")
-    add("--eval-max-examples", type=int, help="evaluate each round on a seeded slice of this many held-out examples (default 0: all)")
+    add("--eval-max-examples", type=int, help="cap the held-out split at a seeded slice of this many examples (default 0: all)")
+    add("--round-eval-examples", type=int, help="rounds before the last evaluate a seeded slice of this many held-out examples; the final accuracy is on the whole split (default 96; 0: every round on the whole split)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--data", help="JSONL, CSV, TSV or Parquet file (default: embedded BBC News)")
     pa.add_argument("--text-column", default="text")
     pa.add_argument("--label-column", default="label")
+    pa.add_argument("--task", default="classify", help="classify, or causal-lm for prompt/response files")
+    pa.add_argument("--prompt-column", default="")
+    pa.add_argument("--response-column", default="")
     pa.add_argument("--partition", default="dirichlet", help="iid or dirichlet (default dirichlet)")
     pa.add_argument("--alpha", type=float, default=1.0)
     pa.add_argument("--seed", type=int, default=0)
@@ -172,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedlora.task import write_partitions
 
             cfg = RunConfig(clients=args.clients, data=args.data, text_column=args.text_column, label_column=args.label_column,
+                            task=args.task, prompt_column=args.prompt_column, response_column=args.response_column,
                             partition=args.partition, alpha=args.alpha, seed=args.seed)
             cfg.validate()
             for path in write_partitions(cfg, args.out):

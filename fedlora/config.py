@@ -13,10 +13,14 @@ from fedlora.errors import UserError
 
 STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 PARTITIONS = ("iid", "dirichlet")
+TASKS = ("classify", "causal-lm")
+# what --task causal-lm changes, for the settings a run leaves at their defaults
+CAUSAL_LM_DEFAULTS: dict[str, Any] = {"target_modules": ("q_proj", "v_proj"), "head_modules": (), "max_length": 256}
 
 
 @dataclass
 class RunConfig:
+    task: str = "classify"  # or causal-lm: instruction tuning of a decoder
     strategy: str = "fedavg"
     clients: int = 4
     rounds: int = 5
@@ -35,6 +39,11 @@ class RunConfig:
     data: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # causal-lm data: "" picks the first present of instruction/prompt/question and response/output/answer
+    prompt_column: str = ""
+    response_column: str = ""
+    max_new_tokens: int = 256  # causal-lm: greedy generation length in the final evaluation
+    generation_eval_examples: int = 50  # causal-lm: held-out examples answered in the final evaluation (0: all)
     eval_data: str | None = None
     test_fraction: float = 0.2
     partition: str = "dirichlet"
@@ -61,6 +70,9 @@ class RunConfig:
     labels: tuple[str, ...] = ()
     eval_batch_size: int = 64
     eval_max_examples: int = 0  # 0: the whole held-out split
+    # rounds before the last evaluate a seeded slice of this many held-out examples (a progress
+    # check); the final accuracy is always on the whole split. 0: every round on the whole split
+    round_eval_examples: int = 96
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,23 +93,44 @@ class RunConfig:
             key = key.replace("-", "_")
             if key not in fields:
                 raise UserError(f"unknown config key {key!r}")
+            self._explicit.add(key)
             setattr(self, key, _coerce(key, value, fields[key]))
+        if self.task == "causal-lm":
+            for key, default in CAUSAL_LM_DEFAULTS.items():
+                if key not in self._explicit:
+                    setattr(self, key, default)
+
+    @property
+    def _explicit(self) -> set[str]:
+        """The settings given by a file, a flag or a saved config; the rest follow the task."""
+        if "_explicit_keys" not in self.__dict__:
+            self.__dict__["_explicit_keys"] = set()
+        return self.__dict__["_explicit_keys"]
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}: choose from {', '.join(TASKS)}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
         if self.partition not in PARTITIONS:
             raise UserError(f"unknown partition {self.partition!r}: choose from iid, dirichlet")
-        positive = ("clients", "rounds", "rank", "local_steps", "batch_size", "max_length", "eval_batch_size", "init_batches")
+        positive = (
+            "clients", "rounds", "rank", "local_steps", "batch_size", "max_length", "eval_batch_size", "init_batches",
+            "max_new_tokens",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_max_examples < 0:
             raise UserError(f"eval-max-examples must be >= 0 (0: all), got {self.eval_max_examples}")
+        if self.generation_eval_examples < 0:
+            raise UserError(f"generation-eval-examples must be >= 0 (0: all), got {self.generation_eval_examples}")
+        if self.round_eval_examples < 0:
+            raise UserError(f"round-eval-examples must be >= 0 (0: all), got {self.round_eval_examples}")
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.alpha <= 0:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from fedlora.errors import UserError
 
@@ -28,6 +30,19 @@ class TextDataset:
         return TextDataset(
             [self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names
         )
+
+    def batch(self, tokenizer, indices, max_length: int, device="cpu", pad_to_max: bool = False) -> tuple[dict, torch.Tensor]:
+        """Model inputs and label indices for the examples at ``indices``."""
+        enc = tokenizer(
+            [self.texts[i] for i in indices], truncation=True, max_length=max_length,
+            padding="max_length" if pad_to_max else True, return_tensors="pt",
+        )
+        inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return inputs, torch.tensor([self.labels[i] for i in indices], device=device)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels)
 
 
 def load_bbc_news() -> TextDataset:
@@ -53,6 +68,26 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
 
     Labels may be strings or integers; they are mapped to 0..K-1 in sorted order.
     """
+    ds = read_table(path)
+    for column in (text_column, label_column):
+        if column not in ds.column_names:
+            raise UserError(
+                f"column {column!r} not in {path} (columns: {', '.join(ds.column_names)})"
+            )
+    texts = [str(t) for t in ds[text_column]]
+    raw_labels = list(ds[label_column])
+    if any(label is None for label in raw_labels) or any(t is None for t in ds[text_column]):
+        raise UserError(f"{path}: empty values in column {text_column!r} or {label_column!r}")
+    label_names = sorted({str(v) for v in raw_labels}, key=_natural_key)
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = [index[str(v)] for v in raw_labels]
+    if len(texts) == 0:
+        raise UserError(f"{path} holds no examples")
+    return TextDataset(texts, labels, label_names)
+
+
+def read_table(path: str | Path):
+    """A data file or ``datasets`` folder as a ``datasets.Dataset``; unreadable input is a UserError."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -78,21 +113,7 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
         raise
     except Exception as exc:  # datasets raises many types for a malformed file
         raise UserError(f"cannot read data file {path}: {_first_line(exc)}") from None
-    for column in (text_column, label_column):
-        if column not in ds.column_names:
-            raise UserError(
-                f"column {column!r} not in {path} (columns: {', '.join(ds.column_names)})"
-            )
-    texts = [str(t) for t in ds[text_column]]
-    raw_labels = list(ds[label_column])
-    if any(label is None for label in raw_labels) or any(t is None for t in ds[text_column]):
-        raise UserError(f"{path}: empty values in column {text_column!r} or {label_column!r}")
-    label_names = sorted({str(v) for v in raw_labels}, key=_natural_key)
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = [index[str(v)] for v in raw_labels]
-    if len(texts) == 0:
-        raise UserError(f"{path} holds no examples")
-    return TextDataset(texts, labels, label_names)
+    return ds
 
 
 def align_labels(data: TextDataset, names: Sequence[str]) -> TextDataset:

@@ -31,8 +31,8 @@ def export_peft_adapter(state: dict[str, torch.Tensor], scaling: float, cfg: Run
         lora_alpha=scaling * rank,  # PEFT scales by lora_alpha / r
         target_modules=sorted(cfg.target_modules),
         modules_to_save=head_modules,
-        task_type="SEQ_CLS",
-        base_model_name_or_path=resolve_model_path(cfg.model),
+        task_type="CAUSAL_LM" if cfg.task == "causal-lm" else "SEQ_CLS",
+        base_model_name_or_path=resolve_model_path(cfg.model, cfg.task),
         lora_dropout=0.0,
         bias="none",
     )
@@ -58,5 +58,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False) ->
     merge_lora(net)
     out_dir.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(str(out_dir))
-    load_tokenizer(run.cfg.model).save_pretrained(str(out_dir))
+    load_tokenizer(run.cfg.model, run.cfg.task).save_pretrained(str(out_dir))
     return out_dir

@@ -15,12 +15,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedlora.data import TextDataset
-from fedlora.training import TrainStats
+from fedlora.training import LocalData, TrainStats
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
@@ -75,11 +73,11 @@ def would_exceed(history: History, dp: DPPlan, steps: int) -> bool:
     return epsilon_of(with_steps(history, dp, steps), dp.delta) > dp.epsilon * (1 + 1e-9)
 
 
-def _loader(tokenizer, data: TextDataset, batch_size: int, max_length: int) -> DataLoader:
-    """Opacus's Poisson sampler draws from torch's global generator, which the callers seed."""
-    enc = tokenizer(data.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-    tensors = [enc["input_ids"], enc["attention_mask"], torch.tensor(data.labels)]
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
+def _loader(tokenizer, data: LocalData, batch_size: int, max_length: int) -> DataLoader:
+    """Fixed-length rows (Poisson batches vary in size); Opacus's Poisson sampler draws from
+    torch's global generator, which the callers seed."""
+    inputs, targets = data.batch(tokenizer, range(len(data)), max_length, pad_to_max=True)
+    return DataLoader(TensorDataset(inputs["input_ids"], inputs["attention_mask"], targets), batch_size=batch_size)
 
 
 def _mark_empty_batch(params: list[nn.Parameter]) -> None:
@@ -124,7 +122,7 @@ def _make_private(model: nn.Module, optimizer, loader: DataLoader, dp: DPPlan, h
 def private_train(
     model: nn.Module,
     tokenizer,
-    data: TextDataset,
+    data: LocalData,
     *,
     dp: DPPlan,
     history: History,
@@ -152,7 +150,7 @@ def private_train(
                 _mark_empty_batch(params)
                 private_optimizer.step()
                 continue
-            loss = F.cross_entropy(private_model(input_ids=ids, attention_mask=mask).logits, labels)
+            loss = data.loss(private_model(input_ids=ids, attention_mask=mask).logits, labels)
             loss.backward()
             private_optimizer.step()
             if step == 0 and all(torch.equal(b, p) for b, p in zip(before, params)):
@@ -169,7 +167,7 @@ def private_train(
 def private_gradients(
     model: nn.Module,
     tokenizer,
-    data: TextDataset,
+    data: LocalData,
     *,
     dp: DPPlan,
     history: History,
@@ -200,7 +198,7 @@ def private_gradients(
         for ids, mask, labels in _batches(loader, batches, device):
             private_optimizer.zero_grad(set_to_none=True)
             if len(labels):
-                F.cross_entropy(private_model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+                data.loss(private_model(input_ids=ids, attention_mask=mask).logits, labels).backward()
             else:
                 _mark_empty_batch(list(weights.values()))
             private_optimizer.pre_step()  # clip, noise, scale: p.grad is now the private gradient

@@ -48,9 +48,13 @@ def plot_report(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     with_dp = any(m.get("epsilon") is not None for m in metrics)
     fig, axes = plt.subplots(1, 3 if with_dp else 2, figsize=(15 if with_dp else 10, 4))
     ax_acc, ax_bytes = axes[0], axes[1]
-    ax_acc.plot(rounds, [m["accuracy"] for m in metrics], "o-", label="accuracy")
+    if any(m.get("perplexity") is not None for m in metrics):  # a causal LM: perplexity each round
+        ax_acc.plot(rounds, [m["perplexity"] for m in metrics], "o-", label="perplexity")
+        ax_acc.set_ylabel("held-out response perplexity")
+    else:
+        ax_acc.plot(rounds, [m["accuracy"] for m in metrics], "o-", label="accuracy")
+        ax_acc.set_ylabel("accuracy")
     ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("accuracy")
     ax_loss = ax_acc.twinx()
     ax_loss.plot(rounds, [m["loss"] for m in metrics], "s--", color="tab:red", label="loss")
     ax_loss.set_ylabel("loss")

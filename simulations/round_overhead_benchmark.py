@@ -10,6 +10,9 @@ update), Flower's transport and scheduling (the rest of the time between sending
 receiving), the server's decoding, validation and aggregation, evaluation, and the
 checkpoint (timed here by writing the run's own checkpoint again). Round 1 also pays
 for the worker's one-off model load and is shown apart; the table averages the rest.
+Rounds evaluate a seeded slice of the held-out split (``--round-eval-examples``); the
+one evaluation of the whole split after the last round is printed on its own, and
+also spread over the rounds.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(run_dir), *extra]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run_dir / "summary.json").read_text())
         ckpt = checkpoint_seconds(run_dir)
     if any("client_seconds" not in m for m in metrics):
         raise SystemExit("this run predates the timing fields (client_seconds, aggregate_seconds)")
@@ -77,6 +81,14 @@ def main() -> None:
     overhead = total - parts["local training"]
     print(f"\nround overhead (everything but local training): {overhead:.2f} s = {overhead / total:.1%} of the round")
     print(f"without evaluation: {overhead - parts['evaluation']:.2f} s = {(overhead - parts['evaluation']) / total:.1%}")
+    print(f"evaluation in each round: {metrics[-1].get('eval_examples', '?')} held-out examples")
+    final_s = summary.get("final_eval_seconds", 0.0)
+    if final_s:
+        spread = final_s / len(metrics)
+        print(
+            f"final evaluation, once after the last round, on all {summary['final_eval_examples']} held-out examples:"
+            f" {final_s:.2f} s; spread over the {len(metrics)} rounds, overhead {(overhead + spread) / (total + spread):.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """A real 2-client, 1-round simulation on Flower's simulation engine, outputs checked."""
+# The round evaluates a 16-example slice; the final accuracy is on all 40 held-out examples.
 
 import json
 
@@ -10,11 +11,12 @@ from fedlora.cli import main
 METRIC_KEYS = {
     "round", "strategy", "accuracy", "loss", "clients", "rejected", "bytes_up",
     "bytes_down", "aggregation_error", "epsilon", "seconds", "train_seconds", "client_seconds",
-    "aggregate_seconds", "eval_seconds",
+    "aggregate_seconds", "eval_seconds", "eval_examples",
 }
 SUMMARY_KEYS = {
     "strategy", "rounds", "num_clients", "model", "dataset", "final_accuracy",
-    "bytes_up_total", "bytes_down_total", "epsilon", "seconds",
+    "bytes_up_total", "bytes_down_total", "epsilon", "seconds", "final_loss", "final_eval_examples",
+    "final_eval_seconds",
 }
 
 
@@ -22,7 +24,7 @@ SUMMARY_KEYS = {
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
     cfg = tmp_path_factory.mktemp("cfg") / "small.toml"
-    cfg.write_text("[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nmax_length = 32\n")
+    cfg.write_text("[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nround_eval_examples = 16\nmax_length = 32\n")
     code = main(["simulate", "--clients", "2", "--rounds", "1", "--out", str(out), "--config", str(cfg)])
     assert code == 0
     return out
@@ -50,7 +52,26 @@ def test_metrics_and_summary(run_dir):
     s = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(s)
     assert s["num_clients"] == 2 and s["rounds"] == 1
-    assert s["bytes_up_total"] == m["bytes_up"] and s["final_accuracy"] == m["accuracy"]
+    assert s["bytes_up_total"] == m["bytes_up"]
+    assert m["eval_examples"] == 16 and s["final_eval_examples"] == 40 and s["final_eval_seconds"] > 0
+
+
+def test_final_accuracy_is_the_exported_adapter_on_the_whole_held_out_split(run_dir):
+    from peft import PeftModel
+
+    from fedlora.config import RunConfig
+    from fedlora.models import load_classifier, load_tokenizer
+    from fedlora.task import load_splits
+    from fedlora.training import evaluate
+    from fedlora.global_eval import seeded_slice
+
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    held_out = seeded_slice(load_splits(cfg).test, 40, cfg.seed)
+    model = PeftModel.from_pretrained(load_classifier(None, 5), str(run_dir / "adapter"))
+    accuracy, loss = evaluate(model, load_tokenizer(None), held_out, batch_size=16, max_length=cfg.max_length)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert len(held_out) == 40
+    assert accuracy == s["final_accuracy"] and loss == pytest.approx(s["final_loss"], rel=1e-4)
 
 
 def test_exported_adapter_loads_in_peft_with_the_same_logits(run_dir):
