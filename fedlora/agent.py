@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedlora.coordinator import parse_address
 from fedlora.data import load_text_file
+from fedlora.instructions import load_instruction_file
 from fedlora.errors import UserError
 from fedlora.processes import child_env, flower_executable, free_loopback_port, start, stop, terminate_on_sigterm
 
@@ -47,6 +48,7 @@ def check_agent(
     auth_key: str | None,
     text_column: str,
     label_column: str,
+    task: str = "classify",
 ) -> None:
     """Fail here, before anything connects, on settings the agent could not train with."""
     parse_address(coordinator)
@@ -70,8 +72,14 @@ def check_agent(
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available on this machine")
-    local = load_text_file(data, text_column, label_column)
-    print(f"fedlora client: {len(local)} examples, labels {local.label_names}", flush=True)
+    if task == "causal-lm":
+        pairs = load_instruction_file(data)
+        print(f"fedlora client: {len(pairs)} prompt/response pairs", flush=True)
+    elif task == "classify":
+        local = load_text_file(data, text_column, label_column)
+        print(f"fedlora client: {len(local)} examples, labels {local.label_names}", flush=True)
+    else:
+        raise UserError(f"unknown task {task!r}: choose classify or causal-lm")
 
 
 def run_agent(
@@ -86,9 +94,10 @@ def run_agent(
     state_dir: str = "fedlora-client",
     text_column: str = "text",
     label_column: str = "label",
+    task: str = "classify",
     max_wait_s: float | None = None,
 ) -> int:
-    check_agent(coordinator, data, rank, device, dp_epsilon, root_cert, insecure, auth_key, text_column, label_column)
+    check_agent(coordinator, data, rank, device, dp_epsilon, root_cert, insecure, auth_key, text_column, label_column, task)
     state = Path(state_dir).resolve()
     (state / "flower").mkdir(parents=True, exist_ok=True)
     cmd = [flower_executable("flower-supernode"), "--superlink", coordinator]

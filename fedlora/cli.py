@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--data", required=True, help="this client's JSONL, CSV, TSV or Parquet file; it never leaves the machine")
     cl.add_argument("--text-column", default="text")
     cl.add_argument("--label-column", default="label")
+    cl.add_argument("--task", default="classify", help="what --data holds: labelled text (classify) or prompt/response pairs (causal-lm)")
     cl.add_argument("--rank", type=int, help="FLoRA: this client's LoRA rank (default: the run's)")
     cl.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto: CUDA when present)")
     cl.add_argument("--dp-epsilon", type=float, help="this client's own privacy budget (default: the run's setting)")
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_agent(
                 args.coordinator, args.data, rank=args.rank, device=args.device, dp_epsilon=args.dp_epsilon,
                 root_cert=args.root_cert, insecure=args.insecure, auth_key=args.auth_key, state_dir=args.state_dir,
-                text_column=args.text_column, label_column=args.label_column, max_wait_s=args.max_wait,
+                text_column=args.text_column, label_column=args.label_column, task=args.task, max_wait_s=args.max_wait,
             )
         elif args.command == "certs":
             from fedlora.certs import write_certificates

@@ -126,6 +126,22 @@ def test_a_deployed_client_reads_its_own_file(tmp_path):
     assert pick_device("auto").type in ("cpu", "cuda")
 
 
+def test_a_deployed_causal_lm_client_reads_prompt_response_pairs(tmp_path, capsys):
+    from fedlora.agent import check_agent
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "What is 1 plus 2?", "answer": "#### 3"}\n')
+    cfg = RunConfig()
+    cfg.update({"task": "causal-lm"})
+    node = {"data-path": str(data), "device": "cpu"}
+    setup = local_setup(cfg, Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={}))
+    assert setup.data.prompts == ["What is 1 plus 2?"] and setup.data.responses == ["#### 3"] and setup.num_labels == 0
+    check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, "text", "label", "causal-lm")
+    assert "1 prompt/response pairs" in capsys.readouterr().out
+    with pytest.raises(UserError, match="column 'text' not in"):
+        check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, "text", "label", "classify")
+
+
 def test_cli_deployment_errors_are_one_line(capsys):
     assert main(["coordinator", "--address", "nowhere", "--insecure"]) == 2
     assert main(["coordinator", "--address", "127.0.0.1:9092"]) == 2
