@@ -220,7 +220,8 @@ def train(msg: Message, context: Context) -> Message:
         update = {n: state[n] + cfg.poison_scale * (t - state[n]) if n in state else cfg.poison_scale * t for n, t in update.items()}
     blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)
     metrics = MetricRecord(
-        {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples}
+        {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples,
+         "train-tokens": stats.tokens}
     )
     metrics.update(epsilon_metric(dp, history))
     metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode

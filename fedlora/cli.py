@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir", help="a fedlora run folder")
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--merge", action="store_true", help="write a full model with the adapter merged in")
-    ev = sub.add_parser("eval", help="accuracy and loss of a run, adapter or model on a labelled file")
+    ev = sub.add_parser("eval", help="accuracy and loss of a run, adapter or model on a labelled file (causal-LM runs: on prompt/response pairs)")
     ev.add_argument("path", help="a fedlora run folder, a PEFT adapter folder or a model folder")
     ev.add_argument("--data", required=True, help="JSONL, CSV, TSV, Parquet file or datasets folder")
     ev.add_argument("--text-column", default="text")
@@ -194,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "eval":
             from fedlora.evaluation import evaluate_path
 
-            accuracy, loss, n = evaluate_path(args.path, args.data, args.text_column, args.label_column, args.batch_size)
-            print(f"accuracy {accuracy:.4f}  loss {loss:.4f}  examples {n}")
+            scores, n = evaluate_path(args.path, args.data, args.text_column, args.label_column, args.batch_size)
+            print("  ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items()) + f"  examples {n}")
         return 0
     except UserError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)

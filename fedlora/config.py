@@ -15,7 +15,7 @@ STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 PARTITIONS = ("iid", "dirichlet")
 TASKS = ("classify", "causal-lm")
 # what --task causal-lm changes, for the settings a run leaves at their defaults
-CAUSAL_LM_DEFAULTS: dict[str, Any] = {"target_modules": ("q_proj", "v_proj"), "head_modules": (), "max_length": 256}
+CAUSAL_LM_DEFAULTS: dict[str, Any] = {"target_modules": ("q_proj", "v_proj"), "head_modules": (), "max_length": 256, "lr": 5e-4}
 
 
 @dataclass

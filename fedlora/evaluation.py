@@ -55,11 +55,35 @@ def align_labels(data: TextDataset, model_labels: list[str] | None) -> TextDatas
     return TextDataset(data.texts, [index[data.label_names[y]] for y in data.labels], model_labels)
 
 
-def evaluate_path(path: str, data: str, text_column: str, label_column: str, batch_size: int = 64) -> tuple[float, float, int]:
+def evaluate_path(path: str, data: str, text_column: str, label_column: str, batch_size: int = 64) -> tuple[dict, int]:
+    """Scores of a model on a file: accuracy and loss; for a causal-LM run, exact match of
+    generated answers, response loss and perplexity on prompt/response pairs."""
+    from fedlora.runs import is_run_dir
+
+    if Path(path).is_dir() and is_run_dir(Path(path)):
+        causal = _evaluate_causal_run(Path(path), data, batch_size)
+        if causal is not None:
+            return causal
     from fedlora.training import evaluate
 
     dataset = load_text_file(data, text_column, label_column)
     model, tokenizer, labels, max_length = load_for_eval(path)
     dataset = align_labels(dataset, labels)
     accuracy, loss = evaluate(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length)
-    return accuracy, loss, len(dataset)
+    return {"accuracy": accuracy, "loss": loss}, len(dataset)
+
+
+def _evaluate_causal_run(path: Path, data: str, batch_size: int) -> tuple[dict, int] | None:
+    from fedlora.global_eval import evaluate_global_model
+    from fedlora.instructions import load_instruction_file
+    from fedlora.models import load_tokenizer
+    from fedlora.runs import load_run
+
+    run = load_run(path)
+    if run.cfg.task != "causal-lm":
+        return None
+    pairs = load_instruction_file(data, run.cfg.prompt_column, run.cfg.response_column)
+    run.cfg.eval_batch_size = batch_size
+    run.cfg.generation_eval_examples = 0  # every pair in the file
+    scores = evaluate_global_model(run.model(), load_tokenizer(run.cfg.model, run.cfg.task), run.cfg, pairs, final=True)
+    return {"exact_match": scores["accuracy"], "loss": scores["loss"], "perplexity": scores["perplexity"]}, len(pairs)

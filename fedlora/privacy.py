@@ -140,7 +140,7 @@ def private_train(
     engine, private_model, private_optimizer, loader = _make_private(
         model, optimizer, _loader(tokenizer, data, batch_size, max_length), dp, history, seed, device
     )
-    start, total_loss, seen = time.perf_counter(), 0.0, 0
+    start, total_loss, seen, tokens = time.perf_counter(), 0.0, 0, 0
     before = [p.detach().clone() for p in params]
     private_model.train()
     try:
@@ -157,11 +157,12 @@ def private_train(
                 raise RuntimeError("DP step left every adapter parameter unchanged (Opacus hooks not attached?)")
             total_loss += loss.item() * len(labels)
             seen += len(labels)
+            tokens += int(mask.sum().item())
     finally:
         private_model._close()  # remove Opacus hooks: the cached model serves other clients next
         model.eval()
     new_history = [tuple(h) for h in engine.accountant.history]
-    return TrainStats(total_loss / max(seen, 1), seen, steps, time.perf_counter() - start), new_history
+    return TrainStats(total_loss / max(seen, 1), seen, steps, time.perf_counter() - start, tokens), new_history
 
 
 def private_gradients(

@@ -23,6 +23,7 @@ class TrainStats:
     examples: int
     steps: int
     seconds: float
+    tokens: int = 0  # non-padding input tokens processed
 
 
 def encode(tokenizer, texts: list[str], max_length: int, device: torch.device | str = "cpu") -> dict:
@@ -64,7 +65,7 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     torch.manual_seed(seed)  # dropout masks: a seeded run repeats exactly
     model.train()
-    start, total_loss, seen = time.perf_counter(), 0.0, 0
+    start, total_loss, seen, tokens = time.perf_counter(), 0.0, 0, 0
     batches = batch_order(len(data), steps, min(batch_size, len(data)), seed)
     for idx in batches:
         inputs, targets = data.batch(tokenizer, idx, max_length, device)
@@ -77,8 +78,9 @@ def train_local(
         optimizer.step()
         total_loss += loss.item() * len(idx)
         seen += len(idx)
+        tokens += int(inputs["attention_mask"].sum().item())
     model.eval()
-    return TrainStats(total_loss / max(seen, 1), seen, len(batches), time.perf_counter() - start)
+    return TrainStats(total_loss / max(seen, 1), seen, len(batches), time.perf_counter() - start, tokens)
 
 
 @torch.no_grad()

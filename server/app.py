@@ -109,6 +109,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
             "eval_examples": len(round_test),
             "epsilon": bridge.worst_epsilon,
             "train_seconds": s.train_seconds,
+            "train_tokens": s.train_tokens,
             "client_seconds": s.client_seconds,
             "aggregate_seconds": t_eval - t_agg,
             "eval_seconds": time.perf_counter() - t_eval,

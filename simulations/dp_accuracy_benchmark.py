@@ -4,15 +4,19 @@
         [--strategies fedavg,ffa,fedsb] [--rounds R] [--out DIR] [--baseline-dir DIR]
 
 Every cell is a real `fedlora simulate` with the settings of the strategy benchmark
-(same clients, split, rounds, local steps, rank and learning rate per strategy); the
-DP runs add `--dp-epsilon E` (delta 1e-5, clip 1.0), which fixes each client's noise
-multiplier up front for the whole run. Prints a table of final held-out accuracy and
-the worst client's final epsilon.
+(same clients, split, local steps, rank and learning rate per strategy) except the
+batch: DP-SGD adds noise of norm about sigma * C * sqrt(d) / B to each step's mean
+gradient, so it needs far larger batches than plain training (default 64 examples,
+at 32 tokens, which SST-2's sentences mostly fit). The DP runs add `--dp-epsilon E`
+(delta 1e-5, clip 1.0), which fixes each client's noise multiplier up front for the
+whole run; the no-DP column uses the same batches. Prints a table of final held-out
+accuracy and the worst client's final epsilon.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +32,9 @@ def main() -> int:
     parser.add_argument("--strategies", default="fedavg,ffa,fedsb")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="runs/dp-accuracy-benchmark")
-    parser.add_argument("--baseline-dir", help="take the no-DP runs from a strategy benchmark run with the same --rounds")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--baseline-dir", help="take the no-DP runs from an earlier run of this benchmark with the same settings")
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
     strategies = [s for s in args.strategies.split(",") if s]
@@ -41,7 +47,7 @@ def main() -> int:
             if data_settings is None:
                 print(f"SST-2 not found at {SHARED_SST2}")
                 return 1
-        settings = {**COMMON, "rounds": args.rounds, **data_settings}
+        settings = {**COMMON, "rounds": args.rounds, **data_settings, "batch_size": args.batch_size, "max_length": args.max_length}
         cells: dict[str, dict[str, tuple[float, float | None]]] = {}
         for strategy in strategies:
             cells[strategy] = {}
@@ -49,9 +55,11 @@ def main() -> int:
                 label = "no DP" if eps is None else f"ε={eps:g}"
                 print(f"[{args.dataset}] {strategy}, {label} ...", flush=True)
                 if eps is None and args.baseline_dir:
-                    _, summary = load_run(Path(args.baseline_dir) / f"{args.dataset}-{strategy}")
-                    if summary["rounds"] != args.rounds:
-                        raise SystemExit(f"{args.baseline_dir} has {summary['rounds']} rounds, not {args.rounds}")
+                    run_dir = Path(args.baseline_dir) / f"{args.dataset}-{strategy}-nodp"
+                    _, summary = load_run(run_dir)
+                    saved = json.loads((run_dir / "config.json").read_text())
+                    if any(saved[k] != settings[k] for k in ("rounds", "batch_size", "max_length", "local_steps")):
+                        raise SystemExit(f"{run_dir} was run with other settings")
                 else:
                     run_settings = settings if eps is None else {**settings, "dp_epsilon": eps}
                     run_dir = out / (f"{args.dataset}-{strategy}-" + ("nodp" if eps is None else f"eps{eps:g}"))

@@ -39,6 +39,7 @@ COMMON = {
     "batch_size": 16,
     "max_length": 64,
     "seed": 0,
+    "round_eval_examples": 0,  # every round on the whole held-out split: the curves are the result
 }
 # Learning rates per strategy: those that train fewer parameters take larger steps.
 LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 1e-2}

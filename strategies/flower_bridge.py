@@ -60,6 +60,7 @@ class RoundStats:
     train_loss: float | None = None
     train_seconds: float = 0.0  # summed over clients: local training alone
     client_seconds: float = 0.0  # summed over clients: their whole handling of the round
+    train_tokens: int = 0  # summed over clients: non-padding tokens trained on
     aggregate_seconds: float = 0.0  # decoding, validation, screening and aggregation on the server
     reasons: list[str] = field(default_factory=list)
 
@@ -183,6 +184,7 @@ class FlowerStrategy(Strategy):
         losses = [(loss, n) for m, n in kept if (loss := metric_value(m, "loss")) is not None]
         self.stats.train_seconds = sum(metric_value(m, "train-seconds") or 0.0 for m, _ in kept)
         self.stats.client_seconds = sum(metric_value(m, "client-seconds") or 0.0 for m, _ in kept)
+        self.stats.train_tokens = int(sum(metric_value(m, "train-tokens") or 0 for m, _ in kept))
         result = self.strategy.aggregate(self.global_state, updates, server_round)
         new_state = self._in_wire_dtype(result.state)
         if not all_finite(new_state):  # finite updates whose mean overflows, or overflows the wire dtype

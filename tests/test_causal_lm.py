@@ -3,6 +3,7 @@ evaluation, every strategy and DP through real simulations, PEFT export."""
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -118,13 +119,19 @@ def test_every_strategy_tunes_a_decoder(tmp_path, llama, data_files, strategy):
     assert config["task_type"] == "CAUSAL_LM" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
-def test_exported_decoder_adapter_loads_in_peft_with_the_same_logits(tmp_path, llama, data_files, tokenizer):
+def test_exported_decoder_adapter_loads_in_peft_with_the_same_logits(tmp_path, llama, data_files, tokenizer, capsys):
     from peft import PeftModel
 
     from fedlora.models import load_causal_lm
     from fedlora.runs import load_run
 
-    out, _, _ = simulate(tmp_path, llama, data_files, "--strategy", "fedsb")
+    out, _, summary = simulate(tmp_path, llama, data_files, "--strategy", "fedsb")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(data_files[1])]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[:2] == ["exact", "match"] and "perplexity" in printed and printed[-1] == "24"
+    # the whole held-out file again: the run's own final perplexity
+    assert float(printed[printed.index("perplexity") + 1]) == pytest.approx(summary["final_perplexity"], rel=1e-3)
     ours = load_run(out).model()
     theirs = PeftModel.from_pretrained(load_causal_lm(str(llama)), str(out / "adapter")).eval()
     batch = tokenizer(["What is 3 plus 4?"], return_tensors="pt")
@@ -153,3 +160,14 @@ def test_causal_lm_needs_data_and_known_columns(tmp_path, llama, capsys):
     assert "no column one of instruction/prompt/question" in capsys.readouterr().err
     assert main(["simulate", "--task", "translate", "--out", str(tmp_path / "r")]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_partition_writes_prompt_response_files_that_load_back(tmp_path, data_files, capsys):
+    train, _ = data_files
+    assert main(["partition", "--task", "causal-lm", "--data", str(train), "--clients", "3", "--out", str(tmp_path / "parts")]) == 0
+    parts = [load_instruction_file(tmp_path / "parts" / f"client-{i}.jsonl") for i in (1, 2, 3)]
+    original = load_instruction_file(train)
+    held_out = round(len(original) * 0.2)  # the default test fraction stays out of every client file
+    assert sum(len(p) for p in parts) == len(original) - held_out
+    pairs = Counter((q, a) for p in parts for q, a in zip(p.prompts, p.responses))
+    assert not pairs - Counter(zip(original.prompts, original.responses))  # each pair from the file, none twice

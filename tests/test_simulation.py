@@ -11,7 +11,7 @@ from fedlora.cli import main
 METRIC_KEYS = {
     "round", "strategy", "accuracy", "loss", "clients", "rejected", "bytes_up",
     "bytes_down", "aggregation_error", "epsilon", "seconds", "train_seconds", "client_seconds",
-    "aggregate_seconds", "eval_seconds", "eval_examples",
+    "aggregate_seconds", "eval_seconds", "eval_examples", "train_tokens",
 }
 SUMMARY_KEYS = {
     "strategy", "rounds", "num_clients", "model", "dataset", "final_accuracy",
@@ -43,6 +43,7 @@ def test_metrics_and_summary(run_dir):
     assert m["round"] == 1 and m["strategy"] == "fedavg" and m["clients"] == 2 and m["rejected"] == 0
     assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
     assert m["bytes_up"] > 0 and m["bytes_down"] > 0
+    assert m["train_tokens"] > 2 * 2 * 8  # 2 clients x 2 steps x 8 examples, several tokens each
     assert m["aggregation_error"] > 0  # FedAvg is not exact
     assert m["epsilon"] is None
     # the round's time splits into parts that each happened and fit inside it
