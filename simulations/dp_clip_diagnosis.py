@@ -20,24 +20,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strategy_benchmark import COMMON, SHARED_SST2, sst2_files  # noqa: E402
 
 
-def run(mode: str, clip: float, args, data: dict) -> list[str]:
-    from fedlora import privacy
+def client_setup(data: dict):
+    """(model with fresh trainable adapters, tokenizer, client 0's data, 300 dev sentences)."""
     from fedlora.adapters import set_trainable
     from fedlora.config import RunConfig
     from fedlora.strategies import make_strategy
     from fedlora.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
-    from fedlora.training import evaluate, train_local
 
     cfg = RunConfig()
     cfg.update({**COMMON, **data, "max_length": 32})
     splits = load_splits(cfg)
-    local, dev = splits.train.subset(splits.partitions[0]), splits.test.subset(range(300))
     strategy = make_strategy("fedavg", lora_spec(cfg))
     state = strategy.setup(initial_adapter_state(None, 2, strategy.spec, 0))
     net = adapted_model(None, 2, strategy.client_spec())
     strategy.prepare_client_model(net, state, 1)
     set_trainable(net, strategy.trained_roles)
-    tok = tokenizer_for(None)
+    return net, tokenizer_for(None), splits.train.subset(splits.partitions[0]), splits.test.subset(range(300))
+
+
+def clipping_at_start(data: dict, clip: float = 1.0, n: int = 16) -> str:
+    """Per-sample gradient norms of the first n examples at the start, and the cosine
+    between their clipped mean and their plain mean."""
+    import torch
+    import torch.nn.functional as F
+
+    net, tok, local, _ = client_setup(data)
+    params = [p for p in net.parameters() if p.requires_grad]
+    net.train()
+    torch.manual_seed(0)
+    grads = []
+    for i in range(n):
+        inputs, labels = local.batch(tok, [i], 32)
+        loss = F.cross_entropy(net(**inputs).logits, labels)
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    net.eval()
+    stacked = torch.stack(grads)
+    norms = stacked.norm(dim=1)
+    clipped = (stacked * (clip / norms).clamp(max=1.0)[:, None]).mean(0)
+    cosine = F.cosine_similarity(clipped, stacked.mean(0), dim=0).item()
+    return (
+        f"at the start, per-sample gradient norms of {n} examples: median {norms.median():.2f}, "
+        f"range {norms.min():.2f}-{norms.max():.2f}; cosine(clipped mean at {clip:g}, mean) = {cosine:.4f}"
+    )
+
+
+def run(mode: str, clip: float, args, data: dict) -> list[str]:
+    from fedlora import privacy
+    from fedlora.training import evaluate, train_local
+
+    net, tok, local, dev = client_setup(data)
     dp = privacy.DPPlan(1.0, 1e-5, clip, 0.0, 16 / len(local))  # noise multiplier 0: clipping alone
     out = []
     for chunk in range(args.chunks):
@@ -60,9 +91,11 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         data = sst2_files(Path(tmp))
+        start = clipping_at_start(data)
         rows = [("plain local training", run("plain", 0.0, args, data))]
         for clip in [float(c) for c in args.clips.split(",") if c]:
             rows.append((f"DP path, no noise, clip {clip:g}", run("dp", clip, args, data)))
+    print(start + "\n")
     print("| mode | " + " | ".join(f"chunk {i + 1}: train loss / accuracy" for i in range(args.chunks)) + " |")
     print("|---|" + "---|" * args.chunks)
     for name, cells in rows:
