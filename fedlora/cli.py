@@ -143,6 +143,7 @@ def _resume_out(args: argparse.Namespace, allowed: tuple[str, ...]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported; a user may opt in
     try:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":

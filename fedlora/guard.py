@@ -21,6 +21,7 @@ import sys
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 GRACE_S = 10.0
+LEFTOVER_GRACE_S = 3.0
 
 
 def _prctl(option: int, value: int) -> None:
@@ -30,14 +31,15 @@ def _prctl(option: int, value: int) -> None:
         pass
 
 
-def take_down_descendants(grace_s: float = GRACE_S) -> None:
-    """SIGTERM every process below this one, then SIGKILL what is left after ``grace_s``.
+def take_down_descendants(grace_s: float = GRACE_S, signal_first: bool = True) -> None:
+    """SIGTERM every process below this one (unless ``signal_first`` is false), then SIGKILL
+    what is left after ``grace_s``.
 
     Descendants, not the process group: Flower starts its executors in sessions of their own."""
     import psutil
 
     tree = psutil.Process().children(recursive=True)
-    for proc in tree:
+    for proc in tree if signal_first else ():
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
@@ -71,7 +73,10 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent:  # the parent died before the death signal was armed
         on_signal(signal.SIGTERM, None)
     code = child.wait()
-    take_down_descendants()  # whatever the command left behind
+    # What the command left behind watches it and stops by itself once it is gone (Flower's
+    # executors raise SIGINT in themselves); a SIGTERM of ours on top of that races their own
+    # shutdown into a KeyboardInterrupt traceback, so leftovers get time, then SIGKILL.
+    take_down_descendants(LEFTOVER_GRACE_S, signal_first=False)
     return code if code >= 0 else 128 - code
 
 

@@ -35,6 +35,7 @@ def child_env(flower_home: Path) -> dict[str, str]:
     env["FLWR_HOME"] = str(flower_home)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage events to flower.ai from private deployments
     return env
 
 

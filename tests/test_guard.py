@@ -53,3 +53,31 @@ def _members(pgid: int) -> list[int]:
             except ProcessLookupError:
                 continue
     return members
+
+
+LEAVES_A_WATCHER = """
+import subprocess, sys
+watcher = '''
+import os, signal, sys, time
+log = open(sys.argv[1], "a")
+signal.signal(signal.SIGTERM, lambda *_: (log.write("SIGTERM\\\\n"), log.flush()))
+parent = os.getppid()
+print("ready", flush=True)
+while os.getppid() == parent:
+    time.sleep(0.05)
+log.write("parent gone\\\\n")
+log.flush()
+'''
+proc = subprocess.Popen([sys.executable, "-c", watcher, sys.argv[1]], start_new_session=True, stdout=subprocess.PIPE, text=True)
+proc.stdout.readline()
+sys.exit(3)
+"""
+
+
+def test_leftovers_that_watch_the_command_stop_by_themselves_without_a_second_signal(tmp_path):
+    """Flower's executors stop themselves (SIGINT) when their parent goes; a SIGTERM from the
+    guard on top of that raced their shutdown into a KeyboardInterrupt traceback in CI."""
+    log = tmp_path / "watcher.log"
+    guard = subprocess.run([sys.executable, "-m", "fedlora.guard", sys.executable, "-c", LEAVES_A_WATCHER, str(log)], timeout=60)
+    assert guard.returncode == 3  # the command's own status
+    assert log.read_text().splitlines() == ["parent gone"]
