@@ -90,7 +90,7 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
     cli = [sys.executable, "-m", "fedlora.cli"]
     coordinator_cmd = [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", str(args.clients)]
     procs = [subprocess.Popen([*coordinator_cmd, *run_options(strategy, train, test, out, args)],
-                              stdout=open(out / "coordinator.log", "wb"), stderr=subprocess.STDOUT)]
+                              stdout=open(out.with_suffix(".coordinator.out"), "wb"), stderr=subprocess.STDOUT)]
     try:
         for i in range(args.clients):
             part = out / f"client-{i + 1}.jsonl"
@@ -101,7 +101,7 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
                 stdout=open(out / f"agent-{i + 1}.log", "wb"), stderr=subprocess.STDOUT,
             ))
         if procs[0].wait() != 0:
-            raise SystemExit(f"{strategy} failed: see {out / 'coordinator.log'}")
+            raise SystemExit(f"{strategy} failed: see {out.with_suffix('.coordinator.out')}")
     finally:
         for proc in procs:
             if proc.poll() is None:
