@@ -212,5 +212,5 @@ def private_gradients(
             w.requires_grad = False
             w.grad = None
         model.eval()
-    grads = {name: (s / batches).detach().to("cpu", torch.float32) for name, s in sums.items()}
+    grads = {name: (s / batches).detach().to(torch.float32) for name, s in sums.items()}  # on the device, for the sketch
     return grads, [tuple(h) for h in engine.accountant.history]

@@ -139,7 +139,8 @@ def full_weight_gradients(
             with autocast_for(device):
                 logits = model(**inputs).logits
             (data.loss(logits, targets) / len(order)).backward()
-        return {name: m.base_layer.weight.grad.detach().to("cpu", torch.float32).clone() for name, m in modules.items()}
+        # left on the training device: the client's sketch (an SVD per module) runs there too
+        return {name: m.base_layer.weight.grad.detach().to(torch.float32).clone() for name, m in modules.items()}
     finally:
         for m in modules.values():
             m.base_layer.weight.requires_grad = False

@@ -26,10 +26,13 @@ GRAD_V = ".grad_v"  # V_k: d_in x r
 
 
 def sketch_gradient(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The client's rank-r sketch of its gradient: (U S, V) with grad ≈ (U S) Vᵀ."""
+    """The client's rank-r sketch of its gradient: (U S, V) with grad ≈ (U S) Vᵀ, on the CPU.
+
+    The SVD runs where the gradient is (a client's GPU): agents sharing a machine's CPU
+    cores would otherwise contend for them, one SVD per adapted matrix each."""
     u, s, vh = torch.linalg.svd(grad.to(torch.float64), full_matrices=False)
     k = min(rank, s.shape[0])
-    return (u[:, :k] * s[:k]).to(torch.float32), vh[:k].T.contiguous().to(torch.float32)
+    return (u[:, :k] * s[:k]).to("cpu", torch.float32), vh[:k].T.contiguous().to("cpu", torch.float32)
 
 
 class FedSB(AdapterStrategy):
