@@ -156,6 +156,9 @@ def main() -> int:
         train, test = gsm8k_slices(args.gsm8k, Path(tmp), args.clients * args.per_client, args.eval_examples, seed=0)
         print("base model ...", flush=True)
         before = base_scores(test, args)
+        # each result as soon as it is in: a long run cut off later keeps what it measured
+        print(f"base model: exact match {before['accuracy']:.3f}, perplexity {before['perplexity']:.3f}", flush=True)
+        (out / "base.json").write_text(json.dumps(before) + "\n")
         rows = []
         for strategy in [s for s in args.strategies.split(",") if s]:
             print(f"{strategy} ...", flush=True)
@@ -163,6 +166,8 @@ def main() -> int:
             tokens = sum(m["train_tokens"] for m in metrics)
             seconds = sum(m["train_seconds"] for m in metrics)
             rows.append((strategy, summary, tokens / seconds))
+            print(f"{strategy}: exact match {summary['final_accuracy']:.3f}, perplexity {summary['final_perplexity']:.3f}, "
+                  f"{tokens / seconds:.0f} tokens/s per client", flush=True)
     print(
         f"\nSmolLM2-135M-Instruct, GSM8K: {args.clients} clients x {args.per_client} examples, {args.rounds} rounds x "
         f"{args.local_steps} steps x {args.batch_size}, rank {args.rank}, {args.max_length} tokens; "
