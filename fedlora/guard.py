@@ -7,7 +7,8 @@ a leftover ServerApp of a killed coordinator would go on writing into the run fo
 ``fedlora coordinator`` and ``fedlora client`` therefore start each Flower process under
 this guard: the kernel sends the guard SIGTERM when its parent dies (Linux
 PR_SET_PDEATHSIG), the guard is the subreaper of everything below it (orphans are
-re-parented to it, not to init), and it stops the whole tree.
+re-parented to it, not to init), and it stops the whole tree: the command first, then
+what is left.
 """
 
 from __future__ import annotations
@@ -31,19 +32,13 @@ def _prctl(option: int, value: int) -> None:
         pass
 
 
-def take_down_descendants(grace_s: float = GRACE_S, signal_first: bool = True) -> None:
-    """SIGTERM every process below this one (unless ``signal_first`` is false), then SIGKILL
-    what is left after ``grace_s``.
+def kill_leftovers(grace_s: float = LEFTOVER_GRACE_S) -> None:
+    """Give every process below this one ``grace_s`` to exit by itself, then SIGKILL it.
 
     Descendants, not the process group: Flower starts its executors in sessions of their own."""
     import psutil
 
     tree = psutil.Process().children(recursive=True)
-    for proc in tree if signal_first else ():
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(tree, timeout=grace_s)
     for proc in alive:
         try:
@@ -65,7 +60,7 @@ def main(argv: list[str]) -> int:
     def on_signal(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        take_down_descendants()
+        stop_command_then_leftovers(child.pid)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -73,11 +68,24 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent:  # the parent died before the death signal was armed
         on_signal(signal.SIGTERM, None)
     code = child.wait()
-    # What the command left behind watches it and stops by itself once it is gone (Flower's
-    # executors raise SIGINT in themselves); a SIGTERM of ours on top of that races their own
-    # shutdown into a KeyboardInterrupt traceback, so leftovers get time, then SIGKILL.
-    take_down_descendants(LEFTOVER_GRACE_S, signal_first=False)
+    kill_leftovers()  # whatever the command left behind
     return code if code >= 0 else 128 - code
+
+
+def stop_command_then_leftovers(pid: int) -> None:
+    """SIGTERM the command alone, then give what it started time to stop by itself before
+    SIGKILL. Flower's processes watch their parents and raise SIGINT in themselves when it
+    goes; a SIGTERM of ours on top of that raced their own shutdown into a
+    KeyboardInterrupt traceback (a red CI run)."""
+    import psutil
+
+    try:  # psutil's wait, not Popen's: this runs in a signal handler that interrupted Popen.wait
+        command = psutil.Process(pid)
+        command.terminate()
+        command.wait(timeout=GRACE_S)
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        pass
+    kill_leftovers()
 
 
 if __name__ == "__main__":

@@ -81,3 +81,23 @@ def test_leftovers_that_watch_the_command_stop_by_themselves_without_a_second_si
     guard = subprocess.run([sys.executable, "-m", "fedlora.guard", sys.executable, "-c", LEAVES_A_WATCHER, str(log)], timeout=60)
     assert guard.returncode == 3  # the command's own status
     assert log.read_text().splitlines() == ["parent gone"]
+
+
+WAITS_WITH_A_WATCHER = LEAVES_A_WATCHER.replace("sys.exit(3)", 'print("started", flush=True)\nimport time\ntime.sleep(300)')
+
+
+def test_a_signalled_guard_stops_the_command_first_and_its_leftovers_stop_by_themselves(tmp_path):
+    log = tmp_path / "watcher.log"
+    guard = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.guard", sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert guard.stdout.readline().strip() == "started"
+        started = time.monotonic()
+        guard.send_signal(signal.SIGTERM)
+        assert guard.wait(timeout=30) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 8  # no grace period spent waiting on a command that is gone
+        assert log.read_text().splitlines() == ["parent gone"]
+    finally:
+        guard.kill()
