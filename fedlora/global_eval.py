@@ -14,6 +14,13 @@ from torch import nn
 from fedlora.config import RunConfig
 
 
+def evaluation_device() -> str:
+    """Where the global model is evaluated: the coordinator's GPU when it has one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def seeded_slice(examples, size: int, seed: int):
     """A seeded random slice (not the first rows, which may all share a label); size 0: all."""
     if 0 < size < len(examples):

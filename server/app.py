@@ -8,7 +8,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,7 +19,7 @@ from fedlora.report import append_metrics, plot_report, read_metrics, write_json
 from fedlora.strategies import make_strategy
 from fedlora.strategies.flower_bridge import FlowerStrategy
 from fedlora.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
-from fedlora.global_eval import evaluate_global_model, seeded_slice
+from fedlora.global_eval import evaluate_global_model, evaluation_device, seeded_slice
 
 log = logging.getLogger("fedlora")
 
@@ -71,7 +70,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     round_test = seeded_slice(test, cfg.round_eval_examples, cfg.seed)
     tokenizer = tokenizer_for(cfg.model, cfg.task)
 
-    eval_device = "cuda" if torch.cuda.is_available() else "cpu"  # the coordinator's GPU when it has one
+    eval_device = evaluation_device()
 
     def evaluate_global(examples, final: bool = False) -> dict:
         eval_model = adapted_model(cfg.model, num_labels, strategy.spec, cfg.task)

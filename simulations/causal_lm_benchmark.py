@@ -19,11 +19,13 @@ base model, measured once) and after; tokens per second of local training per cl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -43,17 +45,15 @@ def gsm8k_slices(gsm8k: Path, tmp: Path, train_n: int, test_n: int, seed: int) -
 
 def base_scores(test: Path, args) -> dict:
     """The untuned model on the held-out slice, with the same evaluation code as a run's final one."""
-    import torch
-
     from fedlora.config import RunConfig
-    from fedlora.global_eval import evaluate_global_model
+    from fedlora.global_eval import evaluate_global_model, evaluation_device
     from fedlora.instructions import load_instruction_file
     from fedlora.models import load_causal_lm, load_tokenizer
 
     cfg = RunConfig()
     cfg.update({"task": "causal-lm", "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
                 "generation_eval_examples": 0, "eval_batch_size": args.eval_batch_size})
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where a coordinator evaluates
+    device = evaluation_device()  # where a coordinator evaluates
     model = load_causal_lm(None).to(device)
     return evaluate_global_model(model, load_tokenizer(None, "causal-lm"), cfg, load_instruction_file(test), final=True, device=device)
 
@@ -81,36 +81,50 @@ def simulated(strategy: str, train: Path, test: Path, out: Path, args) -> None:
 
 
 def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
-    """A coordinator and one agent per client (each with its own slice of ``train``) over loopback."""
+    """A coordinator and one agent per client over loopback; each agent's file is the
+    client's share of ``train`` that ``simulated`` gives it (``fedlora partition``'s split)."""
+    from fedlora.config import RunConfig
     from fedlora.processes import free_loopback_port
+    from fedlora.task import write_partitions
 
-    out.mkdir(parents=True, exist_ok=True)
-    lines = train.read_text().splitlines()
+    cfg = RunConfig()
+    cfg.update({"task": "causal-lm", "data": str(train), "eval_data": str(test), "partition": "iid", "clients": args.clients})
+    parts = write_partitions(cfg, out / "parts")
     address = f"127.0.0.1:{free_loopback_port()}"
     cli = [sys.executable, "-m", "fedlora.cli"]
-    coordinator_cmd = [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", str(args.clients)]
-    procs = [subprocess.Popen([*coordinator_cmd, *run_options(strategy, train, test, out, args)],
-                              stdout=open(out.with_suffix(".coordinator.out"), "wb"), stderr=subprocess.STDOUT)]
-    try:
-        for i in range(args.clients):
-            part = out / f"client-{i + 1}.jsonl"
-            part.write_text("\n".join(lines[i :: args.clients]) + "\n")
-            procs.append(subprocess.Popen(
-                [*cli, "client", "--coordinator", address, "--insecure", "--task", "causal-lm", "--data", str(part),
-                 "--device", args.device, "--state-dir", str(out / f"agent-{i + 1}")],
-                stdout=open(out / f"agent-{i + 1}.log", "wb"), stderr=subprocess.STDOUT,
-            ))
-        if procs[0].wait() != 0:
-            raise SystemExit(f"{strategy} failed: see {out.with_suffix('.coordinator.out')}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with contextlib.ExitStack() as logs:
+        def log(path: Path):
+            return logs.enter_context(path.open("wb"))
+
+        coordinator_log = out.with_suffix(".coordinator.out")  # coordinator.log inside out is the run's own
+        procs = [subprocess.Popen(
+            [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", str(args.clients),
+             *run_options(strategy, train, test, out, args)],
+            stdout=log(coordinator_log), stderr=subprocess.STDOUT,
+        )]
+        try:
+            for i, part in enumerate(parts, start=1):
+                procs.append(subprocess.Popen(
+                    [*cli, "client", "--coordinator", address, "--insecure", "--task", "causal-lm", "--data", str(part),
+                     "--device", args.device, "--state-dir", str(out / f"agent-{i}")],
+                    stdout=log(out / f"agent-{i}.log"), stderr=subprocess.STDOUT,
+                ))
+            while procs[0].poll() is None:  # an agent that stops (bad device, say) would leave the coordinator waiting
+                for i, agent in enumerate(procs[1:], start=1):
+                    if agent.poll() is not None:
+                        raise SystemExit(f"{strategy}: agent {i} stopped: see {out / f'agent-{i}.log'}")
+                time.sleep(1.0)
+            if procs[0].returncode != 0:
+                raise SystemExit(f"{strategy} failed: see {coordinator_log}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def run(strategy: str, train: Path, test: Path, out: Path, args) -> tuple[list[dict], dict]:
@@ -145,7 +159,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/causal-lm-benchmark")
     parser.add_argument("--gsm8k", type=Path, default=SHARED_GSM8K, help="folder with GSM8K's train.jsonl and test.jsonl")
     parser.add_argument("--deploy", action="store_true", help="coordinator and client agents over loopback, not simulate")
-    parser.add_argument("--device", default="auto", help="the agents' device with --deploy: auto, cuda or cpu")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="the agents' device with --deploy")
     args = parser.parse_args()
     if not args.gsm8k.is_dir():
         print(f"GSM8K not found at {args.gsm8k}")
