@@ -1,12 +1,14 @@
 """Why DP runs stay at chance: one SST-2 client, plain training against the DP code path
-with the noise switched off, at several per-sample clip norms.
+with the noise switched off, at several per-sample clip norms, and with the noise of a budget.
 
-    python simulations/dp_clip_diagnosis.py [--clips 1000000,5,1] [--lr 3e-3] [--chunks 3] [--steps 16]
+    python simulations/dp_clip_diagnosis.py [--clips 1000000,5,1] [--epsilons 50,8] [--lr 3e-3]
+        [--chunks 3] [--steps 16] [--batch-size 16]
 
 FedAvg's adapters on the default model (rank 16 on query, value and pooler.dense, the
 classifier in full), client 0 of an IID 4-way split of ../shared/data/sst2, batches of
-16 at 32 tokens. Each chunk is one call of the local training function (a fresh Adam,
-as in a round); after each, the training loss and the accuracy on 300 dev sentences.
+16 (--batch-size) at 32 tokens. Each chunk is one call of the local training function
+(a fresh Adam, as in a round); after each, the training loss and the accuracy on 300 dev
+sentences. With --epsilons, the noise multiplier is planned for all the chunks' steps.
 """
 
 from __future__ import annotations
@@ -64,19 +66,44 @@ def clipping_at_start(data: dict, clip: float = 1.0, n: int = 16) -> str:
     )
 
 
-def run(mode: str, clip: float, args, data: dict) -> list[str]:
+def classifier_input_geometry(data: dict, n: int = 256) -> str:
+    """How well the classifier's input separates the classes at the start: the norm of
+    the inputs' common mean against the distance between the two class means."""
+    import torch
+
+    net, tok, local, _ = client_setup(data)
+    seen: list[torch.Tensor] = []
+    hook = net.classifier.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    inputs, labels = local.batch(tok, list(range(min(n, len(local)))), 32)
+    with torch.no_grad():
+        net(**inputs)
+    hook.remove()
+    feats = seen[0]
+    gap = feats[labels == 1].mean(0) - feats[labels == 0].mean(0)
+    return (
+        f"classifier input over {len(labels)} examples: mean norm {feats.norm(dim=1).mean():.2f}, "
+        f"norm of the common mean {feats.mean(0).norm():.2f}, distance between the class means {gap.norm():.2f}"
+    )
+
+
+def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) -> tuple[list[str], float]:
+    """Train in chunks and score after each. ``epsilon`` adds the noise that the DP plan
+    of a client with this budget over all the chunks' steps would use."""
     from fedlora import privacy
     from fedlora.training import evaluate, train_local
 
     net, tok, local, dev = client_setup(data)
-    dp = privacy.DPPlan(1.0, 1e-5, clip, 0.0, 16 / len(local))  # noise multiplier 0: clipping alone
+    if epsilon is None:
+        dp = privacy.DPPlan(1.0, 1e-5, clip, 0.0, 1.0 / -(-len(local) // args.batch_size))  # clipping alone
+    else:
+        dp = privacy.plan(epsilon, 1e-5, clip, len(local), args.batch_size, args.chunks * args.steps)
     out = []
     for chunk in range(args.chunks):
-        kw = {"steps": args.steps, "batch_size": 16, "lr": args.lr, "max_length": 32, "seed": chunk}
+        kw = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": 32, "seed": chunk}
         stats = train_local(net, tok, local, **kw) if mode == "plain" else privacy.private_train(net, tok, local, dp=dp, history=[], **kw)[0]
         accuracy, _ = evaluate(net, tok, dev, batch_size=64, max_length=32)
         out.append(f"{stats.loss:.3f} / {accuracy:.3f}")
-    return out
+    return out, dp.noise_multiplier
 
 
 def main() -> int:
@@ -85,16 +112,21 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epsilons", default="", help="also run the DP path with the noise of these budgets, clip 1")
     args = parser.parse_args()
     if not SHARED_SST2.is_dir():
         print(f"SST-2 not found at {SHARED_SST2}")
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         data = sst2_files(Path(tmp))
-        start = clipping_at_start(data)
-        rows = [("plain local training", run("plain", 0.0, args, data))]
+        start = clipping_at_start(data) + "\n" + classifier_input_geometry(data)
+        rows = [("plain local training", run("plain", 0.0, args, data)[0])]
         for clip in [float(c) for c in args.clips.split(",") if c]:
-            rows.append((f"DP path, no noise, clip {clip:g}", run("dp", clip, args, data)))
+            rows.append((f"DP path, no noise, clip {clip:g}", run("dp", clip, args, data)[0]))
+        for eps in [float(e) for e in args.epsilons.split(",") if e]:
+            cells, noise = run("dp", 1.0, args, data, eps)
+            rows.append((f"DP path, epsilon {eps:g} (noise multiplier {noise:.3f}), clip 1", cells))
     print(start + "\n")
     print("| mode | " + " | ".join(f"chunk {i + 1}: train loss / accuracy" for i in range(args.chunks)) + " |")
     print("|---|" + "---|" * args.chunks)
