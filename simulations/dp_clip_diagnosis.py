@@ -67,23 +67,26 @@ def clipping_at_start(data: dict, clip: float = 1.0, n: int = 16) -> str:
 
 
 def classifier_input_geometry(data: dict, n: int = 256) -> str:
-    """How well the classifier's input separates the classes at the start: the norm of
-    the inputs' common mean against the distance between the two class means."""
+    """How well the classifier's input separates the classes at the start: its mean norm,
+    the norm of its common mean, and the distance between the two class means; for the
+    pooler output the classifier reads, and for the mean of the encoder's token states
+    (the pooling the default model was trained with)."""
     import torch
 
     net, tok, local, _ = client_setup(data)
-    seen: list[torch.Tensor] = []
-    hook = net.classifier.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     inputs, labels = local.batch(tok, list(range(min(n, len(local)))), 32)
     with torch.no_grad():
-        net(**inputs)
-    hook.remove()
-    feats = seen[0]
-    gap = feats[labels == 1].mean(0) - feats[labels == 0].mean(0)
-    return (
-        f"classifier input over {len(labels)} examples: mean norm {feats.norm(dim=1).mean():.2f}, "
-        f"norm of the common mean {feats.mean(0).norm():.2f}, distance between the class means {gap.norm():.2f}"
-    )
+        out = net.base_model(**inputs)
+    mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+    token_mean = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+    parts = []
+    for name, feats in (("pooler output (the classifier's input)", out.pooler_output), ("mean of token states", token_mean)):
+        gap = feats[labels == 1].mean(0) - feats[labels == 0].mean(0)
+        parts.append(
+            f"{name} over {len(labels)} examples: mean norm {feats.norm(dim=1).mean():.2f}, "
+            f"norm of the common mean {feats.mean(0).norm():.2f}, distance between the class means {gap.norm():.2f}"
+        )
+    return "\n".join(parts)
 
 
 def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) -> tuple[list[str], float]:
