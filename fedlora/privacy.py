@@ -32,12 +32,16 @@ class DPPlan:
     sample_rate: float
 
 
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """The rate at which Opacus's Poisson loader samples each example: 1 / (batches per epoch)."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
 def plan(epsilon: float, delta: float, clip: float, num_examples: int, batch_size: int, planned_steps: int) -> DPPlan:
     """The noise multiplier that keeps ``planned_steps`` steps at this sample rate within epsilon."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    # Opacus's Poisson loader samples each example with probability 1 / (batches per epoch)
-    sample_rate = 1.0 / math.ceil(num_examples / batch_size)
+    sample_rate = poisson_sample_rate(num_examples, batch_size)
     noise = get_noise_multiplier(
         target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=planned_steps, accountant="rdp"
     )

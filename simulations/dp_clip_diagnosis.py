@@ -97,7 +97,7 @@ def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) 
 
     net, tok, local, dev = client_setup(data)
     if epsilon is None:
-        dp = privacy.DPPlan(1.0, 1e-5, clip, 0.0, 1.0 / -(-len(local) // args.batch_size))  # clipping alone
+        dp = privacy.DPPlan(1.0, 1e-5, clip, 0.0, privacy.poisson_sample_rate(len(local), args.batch_size))  # clipping alone
     else:
         dp = privacy.plan(epsilon, 1e-5, clip, len(local), args.batch_size, args.chunks * args.steps)
     out = []
