@@ -84,7 +84,7 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
     """A coordinator and one agent per client over loopback; each agent's file is the
     client's share of ``train`` that ``simulated`` gives it (``fedlora partition``'s split)."""
     from fedlora.config import RunConfig
-    from fedlora.processes import free_loopback_port
+    from fedlora.processes import free_loopback_port, stop
     from fedlora.task import write_partitions
 
     cfg = RunConfig()
@@ -100,14 +100,14 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
         procs = [subprocess.Popen(
             [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", str(args.clients),
              *run_options(strategy, train, test, out, args)],
-            stdout=log(coordinator_log), stderr=subprocess.STDOUT,
+            stdout=log(coordinator_log), stderr=subprocess.STDOUT, start_new_session=True,  # stop() signals the group
         )]
         try:
             for i, part in enumerate(parts, start=1):
                 procs.append(subprocess.Popen(
                     [*cli, "client", "--coordinator", address, "--insecure", "--task", "causal-lm", "--data", str(part),
                      "--device", args.device, "--state-dir", str(out / f"agent-{i}")],
-                    stdout=log(out / f"agent-{i}.log"), stderr=subprocess.STDOUT,
+                    stdout=log(out / f"agent-{i}.log"), stderr=subprocess.STDOUT, start_new_session=True,
                 ))
             while procs[0].poll() is None:  # an agent that stops (bad device, say) would leave the coordinator waiting
                 for i, agent in enumerate(procs[1:], start=1):
@@ -118,13 +118,7 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
                 raise SystemExit(f"{strategy} failed: see {coordinator_log}")
         finally:
             for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc, grace_s=30)
 
 
 def run(strategy: str, train: Path, test: Path, out: Path, args) -> tuple[list[dict], dict]:
