@@ -109,14 +109,32 @@ def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) 
     return out, dp.noise_multiplier
 
 
+def positive_numbers(text: str) -> list[float]:
+    """A comma-separated list of numbers above zero (clip norms, budgets)."""
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be above 0: {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0: {text!r}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", default="1000000,5,1")
+    parser.add_argument("--clips", type=positive_numbers, default="1000000,5,1")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--chunks", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epsilons", default="", help="also run the DP path with the noise of these budgets, clip 1")
+    parser.add_argument("--chunks", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--epsilons", type=positive_numbers, default="", help="also run the DP path with the noise of these budgets, clip 1")
     args = parser.parse_args()
     if not SHARED_SST2.is_dir():
         print(f"SST-2 not found at {SHARED_SST2}")
@@ -125,9 +143,9 @@ def main() -> int:
         data = sst2_files(Path(tmp))
         start = clipping_at_start(data) + "\n" + classifier_input_geometry(data)
         rows = [("plain local training", run("plain", 0.0, args, data)[0])]
-        for clip in [float(c) for c in args.clips.split(",") if c]:
+        for clip in args.clips:
             rows.append((f"DP path, no noise, clip {clip:g}", run("dp", clip, args, data)[0]))
-        for eps in [float(e) for e in args.epsilons.split(",") if e]:
+        for eps in args.epsilons:
             cells, noise = run("dp", 1.0, args, data, eps)
             rows.append((f"DP path, epsilon {eps:g} (noise multiplier {noise:.3f}), clip 1", cells))
     print(start + "\n")
