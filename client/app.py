@@ -176,7 +176,7 @@ def train(msg: Message, context: Context) -> Message:
 
     strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
     spec = strategy.client_spec(setup.rank)
-    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task).to(setup.device)
+    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task, cfg.pooling).to(setup.device)
     state = merge_held(context, strategy, wire.decode(record["payload"]).tensors)
     seed = cfg.seed * 1_000_003 + round_num * 1_009 + setup.index
     tokenizer = tokenizer_for(cfg.model, cfg.task)

@@ -38,6 +38,7 @@ def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None
     add("--lora-alpha", type=float, help="LoRA scaling numerator (default 16)")
     add("--target-modules", help="comma-separated module names to adapt (default query,value)")
     add("--head-modules", help="modules trained in full and shared (default classifier,score,pooler)")
+    add("--pooling", help="classify: what the classifier reads, pooler (the model's pooled output) or mean (masked mean of the token states) (default pooler)")
     add("--seed", type=int, help="random seed (default 0)")
     add("--out", help="output folder (default runs/<timestamp>-<strategy>/)")
     add("--model", help="local Hugging Face model folder (default: embedded all-MiniLM-L6-v2)")

@@ -13,6 +13,9 @@ from fedlora.errors import UserError
 
 STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 PARTITIONS = ("iid", "dirichlet")
+# what a classifier reads: the model's own pooled output (BERT: the [CLS] token through the
+# pooler's dense + tanh), or the mean of the encoder's token states over the attention mask
+POOLINGS = ("pooler", "mean")
 TASKS = ("classify", "causal-lm")
 # what --task causal-lm changes, for the settings a run leaves at their defaults
 CAUSAL_LM_DEFAULTS: dict[str, Any] = {"target_modules": ("q_proj", "v_proj"), "head_modules": (), "max_length": 256, "lr": 5e-4}
@@ -33,6 +36,9 @@ class RunConfig:
     # checkpoints such as all-MiniLM-L6-v2 never trained it; frozen, it holds accuracy
     # near 0.88, and a LoRA adapter on it learns too slowly for the 5-round default.
     head_modules: tuple[str, ...] = ("classifier", "score", "pooler")
+    # classify: what the classifier reads, the model's pooler output or the masked mean of the
+    # token states (all-MiniLM-L6-v2 was trained with mean pooling; DP runs learn with it)
+    pooling: str = "pooler"
     seed: int = 0
     # model and data; None means the embedded defaults
     model: str | None = None
@@ -116,6 +122,10 @@ class RunConfig:
             raise UserError(f"unknown task {self.task!r}: choose from {', '.join(TASKS)}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"unknown pooling {self.pooling!r}: choose from {', '.join(POOLINGS)}")
+        if self.pooling != "pooler" and self.task != "classify":
+            raise UserError("--pooling applies to --task classify only")
         if self.partition not in PARTITIONS:
             raise UserError(f"unknown partition {self.partition!r}: choose from iid, dirichlet")
         positive = (

@@ -9,9 +9,21 @@ from safetensors.torch import save_file
 
 from fedlora.adapters import ROLE_A, ROLE_HEAD, head_module, role_of
 from fedlora.config import RunConfig
+from fedlora.errors import UserError
 from fedlora.models import resolve_model_path
 
 PEFT_PREFIX = "base_model.model."
+
+
+def unexportable_reason(cfg: RunConfig) -> str | None:
+    """Why neither a PEFT adapter nor a transformers model folder can hold this run's model, or None.
+
+    Both rebuild BERT's classifier on its pooler: a mean-pooled run would load without an
+    error and classify differently from the run.
+    """
+    if cfg.pooling != "pooler":
+        return f"its classifier reads the mean of the token states (--pooling {cfg.pooling}), which PEFT's and transformers' BERT classifier cannot express"
+    return None
 
 
 def export_peft_adapter(state: dict[str, torch.Tensor], scaling: float, cfg: RunConfig, out_dir: Path) -> Path:
@@ -51,6 +63,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False) ->
     from fedlora.runs import load_run
 
     run = load_run(run_dir)
+    reason = unexportable_reason(run.cfg)
+    if reason is not None:
+        raise UserError(f"cannot export {run_dir}: {reason}; evaluate it with fedlora eval instead")
     out_dir = Path(out_dir)
     if not merge:
         return export_peft_adapter(*run.strategy.export_adapter(run.state), run.cfg, out_dir)

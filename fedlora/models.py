@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from fedlora.errors import UserError
@@ -46,7 +47,38 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_classifier(model: str | None, num_labels: int | None) -> nn.Module:
+class MaskedMeanPooler(nn.Module):
+    """Stands in for BERT's pooler: the mean of the token states over the attention mask,
+    the pooling that sentence-embedding models such as all-MiniLM-L6-v2 are trained with.
+    BERT calls its pooler with the token states alone, so the mask is taken from the
+    encoder's call by a pre-hook (``use_mean_pooling``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.attention_mask is None:
+            return hidden_states.mean(dim=1)
+        mask = self.attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(net: nn.Module) -> None:
+    """Make a BERT-style classifier read the masked mean of the token states instead of its pooler."""
+    encoder = net.base_model
+    if getattr(encoder, "pooler", None) is None:
+        raise UserError(f"--pooling mean needs a BERT-style model with a pooler layer to replace; {type(net).__name__} has none")
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def remember_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pooler.attention_mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
+
+
+def load_classifier(model: str | None, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
     """A sequence-classification model on the base weights; a missing head is freshly
     initialised (``num_labels=None``: keep the folder's own head)."""
     from transformers import AutoModelForSequenceClassification
@@ -58,13 +90,14 @@ def load_classifier(model: str | None, num_labels: int | None) -> nn.Module:
         net = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+    if pooling == "mean":
+        use_mean_pooling(net)
     net.eval()
     return net
 
 
 def load_causal_lm(model: str | None) -> nn.Module:
     """A decoder language model in fp32 (adapters train in fp32; CUDA autocasts to bf16)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
@@ -77,8 +110,8 @@ def load_causal_lm(model: str | None) -> nn.Module:
     return net
 
 
-def load_base_model(model: str | None, task: str, num_labels: int | None) -> nn.Module:
-    return load_causal_lm(model) if task == "causal-lm" else load_classifier(model, num_labels)
+def load_base_model(model: str | None, task: str, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
+    return load_causal_lm(model) if task == "causal-lm" else load_classifier(model, num_labels, pooling)
 
 
 def load_tokenizer(model: str | None, task: str = "classify"):

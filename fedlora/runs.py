@@ -29,7 +29,7 @@ class Run:
 
     def model(self) -> nn.Module:
         """A fresh base model carrying this run's global state (merge history included)."""
-        net = load_base_model(self.cfg.model, self.cfg.task, len(self.labels))
+        net = load_base_model(self.cfg.model, self.cfg.task, len(self.labels), self.cfg.pooling)
         inject_lora(net, self.strategy.client_spec())
         self.strategy.materialize(net, self.state)
         if self.labels:
@@ -57,5 +57,5 @@ def load_run(path: str | Path) -> Run:
     if labels is None or (not labels and cfg.task == "classify"):
         raise UserError(f"checkpoint in {path} records no labels")
     strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
-    strategy.setup(initial_adapter_state(cfg.model, len(labels), strategy.spec, cfg.seed, cfg.task))
+    strategy.setup(initial_adapter_state(cfg.model, len(labels), strategy.spec, cfg.seed, cfg.task, cfg.pooling))
     return Run(path, cfg, list(labels), int(meta["round"]), strategy, state)

@@ -84,21 +84,28 @@ def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
     )
 
 
-def adapted_model(model: str | None, num_labels: int, spec: LoRASpec, task: str = "classify") -> nn.Module:
+def adapted_model(
+    model: str | None, num_labels: int, spec: LoRASpec, task: str = "classify", pooling: str = "pooler"
+) -> nn.Module:
     """The base model with adapters of ``spec``'s shape; callers load adapter state before use.
 
     One model per process and base: a change of rank only swaps the small adapter pieces.
     """
-    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules, task)
+    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules, task, pooling)
     reshape_adapters(net, spec)
     return net
 
 
 @functools.lru_cache(maxsize=2)
 def _injected_model(
-    model: str | None, num_labels: int, targets: tuple[str, ...], heads: tuple[str, ...], task: str = "classify"
+    model: str | None,
+    num_labels: int,
+    targets: tuple[str, ...],
+    heads: tuple[str, ...],
+    task: str = "classify",
+    pooling: str = "pooler",
 ) -> nn.Module:
-    net = load_base_model(model, task, num_labels)
+    net = load_base_model(model, task, num_labels, pooling)
     try:
         inject_lora(net, LoRASpec(rank=1, alpha=1.0, target_modules=targets, head_modules=heads))
     except ValueError as exc:
@@ -106,7 +113,9 @@ def _injected_model(
     return net
 
 
-def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, seed: int, task: str = "classify"):
+def initial_adapter_state(
+    model: str | None, num_labels: int, spec: LoRASpec, seed: int, task: str = "classify", pooling: str = "pooler"
+):
     """The round-0 global state: seeded A and head, zero B.
 
     Built on a freshly loaded model, not the per-process cache: a cached model carries the
@@ -115,7 +124,7 @@ def initial_adapter_state(model: str | None, num_labels: int, spec: LoRASpec, se
     """
     import torch
 
-    net = _injected_model.__wrapped__(model, num_labels, spec.target_modules, spec.head_modules, task)
+    net = _injected_model.__wrapped__(model, num_labels, spec.target_modules, spec.head_modules, task, pooling)
     reshape_adapters(net, spec)
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():

@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
-from fedlora.export import export_peft_adapter
+from fedlora.export import export_peft_adapter, unexportable_reason
 from fedlora.models import model_display_name
 from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
@@ -51,7 +51,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     cfg.labels = tuple(splits.label_names)  # deployed clients map their own files' labels onto these
     spec = lora_spec(cfg)
     strategy = make_strategy(cfg.strategy, spec, init_step=cfg.lr)
-    global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed, cfg.task))
+    global_state = strategy.setup(initial_adapter_state(cfg.model, num_labels, strategy.spec, cfg.seed, cfg.task, cfg.pooling))
     if checkpoint:
         global_state = checkpoint[0]
         progress(f"resuming {out_dir} after round {done}")
@@ -73,7 +73,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     eval_device = evaluation_device()
 
     def evaluate_global(examples, final: bool = False) -> dict:
-        eval_model = adapted_model(cfg.model, num_labels, strategy.spec, cfg.task)
+        eval_model = adapted_model(cfg.model, num_labels, strategy.spec, cfg.task, cfg.pooling)
         strategy.materialize(eval_model, bridge.global_state)
         return evaluate_global_model(eval_model.to(eval_device), tokenizer, cfg, examples, final=final, device=eval_device)
 
@@ -142,7 +142,11 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
 
     metrics = read_metrics(metrics_path)
     final = final_evaluation(metrics, test, round_test, evaluate_global, progress, generates=cfg.task == "causal-lm")
-    export_peft_adapter(*strategy.export_adapter(bridge.global_state), cfg, out_dir / "adapter")
+    reason = unexportable_reason(cfg)
+    if reason is None:
+        export_peft_adapter(*strategy.export_adapter(bridge.global_state), cfg, out_dir / "adapter")
+    else:
+        progress(f"no adapter/ written: {reason}")
     summary = {
         "strategy": cfg.strategy,
         "rounds": len(metrics),

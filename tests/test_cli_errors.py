@@ -33,6 +33,8 @@ def _tiny_jsonl(tmp_path, n=6):
     [
         (["--data", "/nonexistent/data.jsonl"], "not found"),
         (["--strategy", "nope"], "unknown strategy"),
+        (["--pooling", "max"], "unknown pooling"),
+        (["--task", "causal-lm", "--pooling", "mean"], "--pooling applies to --task classify only"),
         (["--clients", "0"], "clients"),
         (["--clients", "abc"], "invalid int"),
         (["--partition", "zipf"], "unknown partition"),

@@ -1,0 +1,87 @@
+"""--pooling mean: the classifier reads the masked mean of the token states, in training,
+evaluation and DP alike, and runs that use it are refused by export rather than mis-exported."""
+
+import json
+
+import pytest
+import torch
+
+from fedlora.adapters import LoRASpec, load_adapter_state
+from fedlora.cli import main
+from fedlora.models import MaskedMeanPooler, load_tokenizer
+from fedlora.task import adapted_model, initial_adapter_state
+
+SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modules=("classifier",))
+TEXTS = ["Rates rose again.", "The striker scored twice in the final and the crowd sang for an hour afterwards."]
+
+
+def mean_pooled_model():
+    net = adapted_model(None, 3, SPEC, pooling="mean")
+    load_adapter_state(net, initial_adapter_state(None, 3, SPEC, seed=1, pooling="mean"))
+    return net.eval()
+
+
+def test_mean_pooling_classifies_the_masked_mean_of_the_token_states():
+    net = mean_pooled_model()
+    assert isinstance(net.base_model.pooler, MaskedMeanPooler)
+    batch = load_tokenizer(None)(TEXTS, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the short one is padded
+    with torch.no_grad():
+        states = net.base_model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = net.classifier((states * mask).sum(1) / mask.sum(1))
+        logits = net(**batch).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_does_not_change_a_mean_pooled_prediction():
+    net = mean_pooled_model()
+    tok = load_tokenizer(None)
+    with torch.no_grad():
+        alone = net(**tok(TEXTS[:1], return_tensors="pt")).logits
+        padded = net(**tok(TEXTS, return_tensors="pt", padding=True)).logits[:1]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_the_pooler_default_is_untouched():
+    net = adapted_model(None, 3, SPEC)
+    assert not isinstance(net.base_model.pooler, MaskedMeanPooler)
+    assert hasattr(net.base_model.pooler, "dense")
+
+
+@pytest.fixture(scope="module")
+def mean_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mean") / "run"
+    args = [
+        "simulate", "--strategy", "ffa", "--pooling", "mean", "--clients", "2", "--rounds", "2", "--local-steps", "2",
+        "--batch-size", "8", "--max-length", "32", "--eval-max-examples", "16", "--dp-epsilon", "8", "--out", str(out),
+    ]
+    assert main(args) == 0
+    return out
+
+
+def test_a_dp_run_with_mean_pooling_completes_and_records_it(mean_run):
+    assert json.loads((mean_run / "config.json").read_text())["pooling"] == "mean"
+    assert not (mean_run / "adapter").exists()  # PEFT's format would silently classify the pooler output
+    summary = json.loads((mean_run / "summary.json").read_text())
+    assert 0 < summary["epsilon"] <= 8
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+def test_export_refuses_a_mean_pooled_run(mean_run, tmp_path, capsys):
+    assert main(["export", str(mean_run), "--out", str(tmp_path / "adapter")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot export" in err and "--pooling mean" in err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_model_without_a_pooler_to_replace_is_a_clear_error(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from fedlora.errors import UserError
+    from fedlora.models import load_classifier
+
+    config = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match="pooling mean needs a BERT-style model"):
+        load_classifier(str(tmp_path), 2, pooling="mean")
