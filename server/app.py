@@ -55,6 +55,9 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
     if checkpoint:
         global_state = checkpoint[0]
         progress(f"resuming {out_dir} after round {done}")
+    if cfg.dp_epsilon is not None and cfg.task == "classify" and cfg.pooling == "pooler":
+        progress("note: under DP noise a classifier on BERT's pooler output tends to predict one class; "
+                 "--pooling mean (and --target-modules without pooler.dense) learns (README: Differential privacy)")
     bridge = FlowerStrategy(
         strategy,
         global_state,
