@@ -1,6 +1,7 @@
 """All four strategies on the same split and budget: accuracy against bytes.
 
-    python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--out DIR] [--report-only]
+    python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--pooling pooler|mean]
+        [--out DIR] [--report-only]
 
 Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
 same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
@@ -45,6 +46,15 @@ COMMON = {
 # Learning rates per strategy: those that train fewer parameters take larger steps
 # (Fed-SB's 5e-3 from a sweep of 3e-3, 5e-3 and 1e-2 on BBC: 1e-2 oscillates).
 LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 5e-3}
+
+
+def with_pooling(settings: dict, pooling: str) -> dict:
+    """``settings`` for a classifier that reads ``pooling``; with mean pooling the pooler
+    layer is gone, and so is the adapter on it."""
+    out = {**settings, "pooling": pooling}
+    if pooling == "mean":
+        out["target_modules"] = [m for m in settings["target_modules"] if not m.startswith("pooler")]
+    return out
 
 
 def sst2_files(tmp: Path) -> dict | None:
@@ -153,6 +163,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/strategy-benchmark")
     parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
+    parser.add_argument("--pooling", choices=("pooler", "mean"), default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +181,7 @@ def main() -> int:
             else:
                 datasets["sst2"] = (sst2, 0.80)
         for name, (data_settings, target) in datasets.items():
-            settings = {**COMMON, "rounds": args.rounds, **data_settings}
+            settings = with_pooling({**COMMON, "rounds": args.rounds, **data_settings}, args.pooling)
             results = {}
 
             def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
