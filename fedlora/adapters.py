@@ -106,18 +106,19 @@ def _matches(module_name: str, targets: Iterable[str]) -> bool:
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     """Replace every ``nn.Linear`` whose leaf name is in ``spec.target_modules``.
 
-    Returns the module paths that received an adapter; raises ValueError when none did,
-    since a typo in target module names would otherwise train nothing but the head.
+    Returns the module paths that received an adapter; raises ValueError when a target
+    names no ``nn.Linear`` of the model, since a typo (or a layer the model lacks, such
+    as BERT's pooler under mean pooling) would otherwise silently train less.
     """
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [t for t in spec.target_modules if not any(_matches(name, (t,)) for name in linear_names)]
+    if unmatched:
+        raise ValueError(f"target module(s) {unmatched} match no nn.Linear layer of the model")
+    if not spec.target_modules:
+        raise ValueError("no target modules: LoRA would train nothing but the head")
     targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _matches(name, spec.target_modules)
+        (name, model.get_submodule(name)) for name in linear_names if _matches(name, spec.target_modules)
     ]
-    if not targets:
-        raise ValueError(
-            f"no nn.Linear module named any of {list(spec.target_modules)} in the model"
-        )
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -114,6 +114,25 @@ def load_base_model(model: str | None, task: str, num_labels: int | None, poolin
     return load_causal_lm(model) if task == "causal-lm" else load_classifier(model, num_labels, pooling)
 
 
+def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
+    """The model's modules on the meta device: its layer names without loading its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path = resolve_model_path(model, task)
+    kwargs = {} if num_labels is None or task == "causal-lm" else {"num_labels": num_labels}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):
+            net = auto.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+    if pooling == "mean":
+        use_mean_pooling(net)
+    return net
+
+
 def load_tokenizer(model: str | None, task: str = "classify"):
     from transformers import AutoTokenizer
 

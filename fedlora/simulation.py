@@ -11,7 +11,7 @@ from pathlib import Path
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
 from fedlora.models import resolve_model_path
-from fedlora.task import load_splits
+from fedlora.task import check_target_modules, load_splits
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -22,7 +22,8 @@ def check_inputs(cfg: RunConfig) -> None:
     """Fail fast, before any worker starts, on bad config, data or model paths."""
     cfg.validate()
     resolve_model_path(cfg.model, cfg.task)
-    load_splits(cfg)
+    splits = load_splits(cfg)
+    check_target_modules(cfg, max(len(splits.label_names), 1))
 
 
 def quiet_flower() -> None:

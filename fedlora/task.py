@@ -18,7 +18,7 @@ from fedlora.config import RunConfig
 from fedlora.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
 from fedlora.instructions import InstructionDataset, load_instruction_file
-from fedlora.models import load_base_model, load_tokenizer
+from fedlora.models import load_base_model, load_tokenizer, model_skeleton
 
 
 @dataclass
@@ -111,6 +111,15 @@ def _injected_model(
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return net
+
+
+def check_target_modules(cfg: RunConfig, num_labels: int) -> None:
+    """Fail fast when ``--target-modules`` names a layer the model (as pooled) lacks."""
+    net = model_skeleton(cfg.model, cfg.task, num_labels, cfg.pooling)
+    try:
+        inject_lora(net, LoRASpec(rank=1, alpha=1.0, target_modules=tuple(cfg.target_modules)))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def initial_adapter_state(

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fedlora.config import POOLINGS  # noqa: E402
 from strategy_benchmark import COMMON, SHARED_SST2, load_run, run_strategy, sst2_files, with_pooling  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/dp-accuracy-benchmark")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--pooling", choices=("mean", "pooler"), default="mean")
+    parser.add_argument("--pooling", choices=POOLINGS, default="mean")
     parser.add_argument("--baseline-dir", help="take the no-DP runs from an earlier run of this benchmark with the same settings")
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",") if e]

@@ -73,12 +73,15 @@ def classifier_input_geometry(data: dict, n: int = 256) -> str:
     (the pooling the default model was trained with)."""
     import torch
 
+    from fedlora.models import MaskedMeanPooler
+
     net, tok, local, _ = client_setup(data)
     inputs, labels = local.batch(tok, list(range(min(n, len(local)))), 32)
+    mean_pooler = MaskedMeanPooler()
+    mean_pooler.attention_mask = inputs["attention_mask"]
     with torch.no_grad():
         out = net.base_model(**inputs)
-    mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-    token_mean = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+        token_mean = mean_pooler(out.last_hidden_state)
     parts = []
     for name, feats in (("pooler output (the classifier's input)", out.pooler_output), ("mean of token states", token_mean)):
         gap = feats[labels == 1].mean(0) - feats[labels == 0].mean(0)

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedlora.config import POOLINGS
+
 STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
@@ -163,7 +165,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/strategy-benchmark")
     parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
-    parser.add_argument("--pooling", choices=("pooler", "mean"), default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
+    parser.add_argument("--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

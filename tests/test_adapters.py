@@ -75,8 +75,14 @@ def test_set_trainable_freezes_base_and_selects_roles(tiny_bert):
 
 
 def test_unknown_target_modules_is_an_error(tiny_bert):
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="match no nn.Linear"):
         inject_lora(tiny_bert, LoRASpec(4, 8.0, ("q_proj",)))
+
+
+def test_one_unknown_target_among_known_ones_is_an_error(tiny_bert):
+    with pytest.raises(ValueError, match=r"\['q_proj'\] match no nn.Linear"):
+        inject_lora(tiny_bert, LoRASpec(4, 8.0, ("query", "q_proj")))
+    assert not any("lora" in name for name, _ in tiny_bert.named_modules())
 
 
 def test_lora_r_between_a_and_b(tiny_bert, tiny_inputs):

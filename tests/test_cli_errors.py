@@ -35,6 +35,8 @@ def _tiny_jsonl(tmp_path, n=6):
         (["--strategy", "nope"], "unknown strategy"),
         (["--pooling", "max"], "unknown pooling"),
         (["--task", "causal-lm", "--pooling", "mean"], "--pooling applies to --task classify only"),
+        (["--pooling", "mean", "--target-modules", "query,value,pooler.dense"], "['pooler.dense'] match no nn.Linear"),
+        (["--target-modules", "query,q_proj"], "['q_proj'] match no nn.Linear"),
         (["--clients", "0"], "clients"),
         (["--clients", "abc"], "invalid int"),
         (["--partition", "zipf"], "unknown partition"),
