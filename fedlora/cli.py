@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fedlora.config import RunConfig, load_toml
 from fedlora.errors import UserError
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated simulation on this machine")
     _add_run_options(sim)
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved settings)")
+    sim.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds an earlier run, discarding it")
     co = sub.add_parser("coordinator", help="run a federation's coordinator (Flower SuperLink) for client agents")
     co.add_argument("--address", required=True, help="HOST:PORT the client agents connect to, e.g. 0.0.0.0:9092")
     co.add_argument("--min-clients", type=int, help="clients to wait for before round 1 (default 4)")
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--insecure", action="store_true", help="no TLS (loopback or trusted networks only)")
     co.add_argument("--auth-keys", help="folder of client public keys (*.pub): only these clients may join")
     co.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved settings)")
+    co.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds an earlier run, discarding it")
     _add_run_options(co, simulated=False)
     cl = sub.add_parser("client", help="run a client agent (Flower SuperNode) that trains on a local file")
     cl.add_argument("--coordinator", required=True, help="the coordinator's HOST:PORT")
@@ -122,13 +125,19 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     if args.config:
         cfg.update(load_toml(args.config))
-    skip = ("config", "command", "resume", "address", "min_clients", "tls_dir", "insecure", "auth_keys")
+    skip = ("config", "command", "resume", "overwrite", "address", "min_clients", "tls_dir", "insecure", "auth_keys")
     flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if getattr(args, "min_clients", None) is not None:
         flags["clients"] = args.min_clients
     cfg.update(flags)
     cfg.validate()
     return cfg
+
+
+def _refuse_earlier_run(out: str | None, overwrite: bool) -> None:
+    """A fresh run writes over its folder's metrics and checkpoint: only when asked to."""
+    if out and not overwrite and (Path(out) / "config.json").is_file():
+        raise UserError(f"{out} holds an earlier run: --resume continues it, --overwrite discards it, or pick another --out")
 
 
 def _resume_out(args: argparse.Namespace, allowed: tuple[str, ...]) -> str:
@@ -153,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.resume:
                 out = simulate(resume_config(_resume_out(args, ())), resume=True)
             else:
-                out = simulate(run_config_from_args(args))
+                cfg = run_config_from_args(args)
+                _refuse_earlier_run(cfg.out, args.overwrite)
+                out = simulate(cfg)
             print(f"done: outputs in {out}")
         elif args.command == "coordinator":
             from fedlora.coordinator import check_deployment, coordinate
@@ -164,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = resume_config(_resume_out(args, ("address", "tls_dir", "insecure", "auth_keys")))
             else:
                 cfg = run_config_from_args(args)
+                _refuse_earlier_run(cfg.out, args.overwrite)
                 cfg.out = cfg.out or str(default_out_dir(cfg))
             check_inputs(cfg)
             out = coordinate(cfg, dep, resume=args.resume)

@@ -68,7 +68,7 @@ def run_options(strategy: str, train: Path, test: Path, out: Path, args) -> list
         "--rank", str(args.rank), "--lora-alpha", str(2 * args.rank), "--lr", str(LR[strategy]),
         "--max-length", str(args.max_length), "--max-new-tokens", str(args.max_new_tokens),
         "--generation-eval-examples", "0", "--round-eval-examples", "0", "--init-batches", "2", "--out", str(out),
-        "--config", str(cfg),
+        "--overwrite", "--config", str(cfg),
     ]
 
 

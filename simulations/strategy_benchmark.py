@@ -84,7 +84,7 @@ def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str =
     cfg_path.write_text("\n".join(lines) + "\n")
     cmd = [
         sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy,
-        "--lr", str(LR[strategy]), "--wire-dtype", wire_dtype, "--out", str(out_dir),
+        "--lr", str(LR[strategy]), "--wire-dtype", wire_dtype, "--out", str(out_dir), "--overwrite",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

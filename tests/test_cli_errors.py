@@ -52,6 +52,17 @@ def test_bad_flags(args, needle, tmp_path):
     assert_one_line_error(run_cli("simulate", "--out", str(tmp_path / "o"), *args), needle)
 
 
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused_and_the_run_kept(tmp_path):
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"rounds": 3}')
+    (earlier / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert_one_line_error(run_cli("simulate", "--out", str(earlier)), "holds an earlier run")
+    assert (earlier / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert_one_line_error(run_cli("simulate", "--resume", "--overwrite", "--out", str(earlier)), "drop --overwrite")
+
+
 def test_unknown_column(tmp_path):
     data = _tiny_jsonl(tmp_path)
     assert_one_line_error(run_cli("simulate", "--data", str(data), "--text-column", "body"), "column 'body'")
