@@ -110,7 +110,7 @@ def mb(n: int | None) -> str:
     return "not reached" if n is None else f"{n / 1e6:.2f} MB"
 
 
-def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path) -> str:
+def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path, plot_title: str) -> str:
     base_total = sum(results["fedavg"][1][k] for k in ("bytes_up_total", "bytes_down_total"))
     base_round = results["fedavg"][0][-1]["bytes_up"] + results["fedavg"][0][-1]["bytes_down"]
     rows = [
@@ -128,7 +128,7 @@ def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float
             f" | {mb(summary['bytes_up_total'])} | {mb(summary['bytes_down_total'])}"
             f" | {mb(bytes_to_target(metrics, summary, target))} | {base_total / total:.1f}x | {base_round / last:.1f}x | {err:.1e} |"
         )
-    plot(results, plot_path, name)
+    plot(results, plot_path, plot_title)
     return "\n".join(rows)
 
 
@@ -197,7 +197,8 @@ def main() -> int:
             for dtype in [d for d in args.wire_dtypes.split(",") if d]:
                 for strategy in ("fedavg", "fedsb"):
                     obtain(f"{strategy} ({dtype})", strategy, out / f"{name}-{strategy}-{dtype}", dtype)
-            table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png")
+            title = f"{name}, {args.rounds} rounds, {args.pooling} pooling"
+            table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png", title)
             (out / f"{name}-table.md").write_text(table + "\n")
             print(table, flush=True)
     return 0
