@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from deployment_helpers import SMALL, fedlora, kill_group, rounds_logged, stop_all, supernode_pids, wait_until
 
-from fedlora.processes import free_loopback_port
+from fedlora.processes import free_loopback_port, wait_for_port
 
 @pytest.mark.slow
 def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
@@ -43,6 +43,10 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
 
         for i in (1, 2, 3):
             agent(i, f"client-{i}", certs, f"agent-{i}")
+        # the strangers give up after 30 s: spent before the coordinator listens (it checks
+        # its inputs and registers the keys first), that reads as unreachable, not refused
+        host, port = address.rsplit(":", 1)
+        wait_for_port(host, int(port), coordinator, 300, "the coordinator")
         unregistered = agent(4, "client-4", certs, "unregistered", "--max-wait", "30")
         no_ca = agent(1, "client-1", stranger_ca, "no-ca", "--max-wait", "30")  # trusts another CA only
 
