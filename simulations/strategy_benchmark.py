@@ -1,7 +1,7 @@
 """All four strategies on the same split and budget: accuracy against bytes.
 
     python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--pooling pooler|mean]
-        [--out DIR] [--report-only]
+        [--seeds 0,1,2] [--out DIR] [--report-only]
 
 Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
 same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
@@ -9,7 +9,10 @@ same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
 accuracy, bytes up and down (measured on the serialized payloads, the one-off costs
 such as Fed-SB's initialisation included), bytes to first reach the target accuracy,
 and the ratio of total bytes against FedAvg; writes a plot of accuracy against
-cumulative bytes. The default of 15 rounds is a budget on which Fed-SB's one-off
+cumulative bytes. With several seeds (each one a different split, adapter
+initialisation and batch order) it also prints each strategy's accuracy as the mean
+and spread over the seeds; the first table and the plot are the first seed's. The
+default of 15 rounds is a budget on which Fed-SB's one-off
 initialisation (about one FedAvg round each way) is paid back; on short runs it
 dominates Fed-SB's bytes.
 """
@@ -106,6 +109,41 @@ def bytes_to_target(metrics: list[dict], summary: dict, target: float) -> int | 
     return None
 
 
+def last_rounds_mean(metrics: list[dict], k: int = 3) -> float:
+    return sum(m["accuracy"] for m in metrics[-k:]) / len(metrics[-k:])
+
+
+def mean_and_spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def seeds_report(name: str, by_seed: dict[int, dict[str, tuple[list[dict], dict]]]) -> str:
+    """Each strategy's accuracy over the seeds: mean, and lowest-highest in brackets."""
+    seeds = sorted(by_seed)
+    rows = [
+        f"### {name}, over seeds {', '.join(map(str, seeds))}",
+        "",
+        "| strategy | final accuracy | mean of last 3 rounds | final held-out loss | FedAvg bytes / bytes (total) |",
+        "|---|---|---|---|---|",
+    ]
+    for label in by_seed[seeds[0]]:
+        runs = [by_seed[s][label] for s in seeds]
+        ratios = []
+        for s, (_, summary) in zip(seeds, runs):
+            base = by_seed[s]["fedavg"][1]
+            ratios.append(
+                (base["bytes_up_total"] + base["bytes_down_total"]) / (summary["bytes_up_total"] + summary["bytes_down_total"])
+            )
+        rows.append(
+            f"| {label} | {mean_and_spread([r[1]['final_accuracy'] for r in runs])}"
+            f" | {mean_and_spread([last_rounds_mean(r[0]) for r in runs])}"
+            f" | {mean_and_spread([r[1]['final_loss'] for r in runs])}"
+            f" | {min(ratios):.1f}x-{max(ratios):.1f}x |"
+        )
+    return "\n".join(rows)
+
+
 def mb(n: int | None) -> str:
     return "not reached" if n is None else f"{n / 1e6:.2f} MB"
 
@@ -124,7 +162,7 @@ def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float
         last = metrics[-1]["bytes_up"] + metrics[-1]["bytes_down"]
         err = sum(m["aggregation_error"] or 0.0 for m in metrics) / len(metrics)
         rows.append(
-            f"| {strategy} | {summary['final_accuracy']:.4f} | {sum(m['accuracy'] for m in metrics[-3:]) / len(metrics[-3:]):.4f}"
+            f"| {strategy} | {summary['final_accuracy']:.4f} | {last_rounds_mean(metrics):.4f}"
             f" | {mb(summary['bytes_up_total'])} | {mb(summary['bytes_down_total'])}"
             f" | {mb(bytes_to_target(metrics, summary, target))} | {base_total / total:.1f}x | {base_round / last:.1f}x | {err:.1e} |"
         )
@@ -166,7 +204,14 @@ def main() -> int:
     parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
     parser.add_argument("--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>")
     args = parser.parse_args()
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or seeds[0] < 0:
+        parser.error("--seeds needs at least one seed, none negative")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -183,22 +228,28 @@ def main() -> int:
             else:
                 datasets["sst2"] = (sst2, 0.80)
         for name, (data_settings, target) in datasets.items():
-            settings = with_pooling({**COMMON, "rounds": args.rounds, **data_settings}, args.pooling)
-            results = {}
+            by_seed: dict[int, dict[str, tuple[list[dict], dict]]] = {}
+            for seed in seeds:
+                settings = with_pooling({**COMMON, "rounds": args.rounds, "seed": seed, **data_settings}, args.pooling)
+                suffix = f"-seed{seed}" if seed else ""
+                results = by_seed[seed] = {}
 
-            def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
-                if not args.report_only:
-                    print(f"[{name}] running {label} ...", flush=True)
-                    run_strategy(strategy, settings, run_dir, dtype)
-                results[label] = load_run(run_dir)
+                def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
+                    if not args.report_only:
+                        print(f"[{name}, seed {seed}] running {label} ...", flush=True)
+                        run_strategy(strategy, settings, run_dir, dtype)
+                    results[label] = load_run(run_dir)
 
-            for strategy in strategies:
-                obtain(strategy, strategy, out / f"{name}-{strategy}")
-            for dtype in [d for d in args.wire_dtypes.split(",") if d]:
-                for strategy in ("fedavg", "fedsb"):
-                    obtain(f"{strategy} ({dtype})", strategy, out / f"{name}-{strategy}-{dtype}", dtype)
-            title = f"{name}, {args.rounds} rounds, {args.pooling} pooling"
-            table = report(name, results, target, out / f"{name}-accuracy-vs-bytes.png", title)
+                for strategy in strategies:
+                    obtain(strategy, strategy, out / f"{name}-{strategy}{suffix}")
+                for dtype in [d for d in args.wire_dtypes.split(",") if d]:
+                    for strategy in ("fedavg", "fedsb"):
+                        obtain(f"{strategy} ({dtype})", strategy, out / f"{name}-{strategy}-{dtype}{suffix}", dtype)
+            first = by_seed[seeds[0]]
+            title = f"{name}, {args.rounds} rounds, {args.pooling} pooling" + (f", seed {seeds[0]}" if seeds[0] else "")
+            table = report(name, first, target, out / f"{name}-accuracy-vs-bytes.png", title)
+            if len(seeds) > 1:
+                table += "\n\n" + seeds_report(name, by_seed)
             (out / f"{name}-table.md").write_text(table + "\n")
             print(table, flush=True)
     return 0
