@@ -1,7 +1,7 @@
 """All four strategies on the same split and budget: accuracy against bytes.
 
     python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--pooling pooler|mean]
-        [--seeds 0,1,2] [--out DIR] [--report-only]
+        [--seeds 0,1,2] [--lr fedsb=1e-2,...] [--out DIR] [--reuse | --report-only]
 
 Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
 same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
@@ -81,13 +81,26 @@ def sst2_files(tmp: Path) -> dict | None:
     return {"data": out["train"], "eval_data": out["dev"], "eval_max_examples": 0, "partition": "iid"}
 
 
-def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str = "fp32") -> None:
+def finished_with(out_dir: Path, settings: dict, strategy: str, lr: float, wire_dtype: str) -> bool:
+    """Whether ``out_dir`` holds a finished run of exactly these settings. The data paths
+    are left out: SST-2's JSONL files are written afresh into a temporary folder each time."""
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = {**settings, "strategy": strategy, "lr": lr, "wire_dtype": wire_dtype}
+    same = all(json.loads(json.dumps(v)) == config.get(k) for k, v in wanted.items() if k not in ("data", "eval_data"))
+    return same and (out_dir / "summary.json").is_file()
+
+
+def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str = "fp32", lr: float | None = None) -> None:
+    lr = LR[strategy] if lr is None else lr
     cfg_path = out_dir.with_suffix(".toml")
     lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     cfg_path.write_text("\n".join(lines) + "\n")
     cmd = [
         sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy,
-        "--lr", str(LR[strategy]), "--wire-dtype", wire_dtype, "--out", str(out_dir), "--overwrite",
+        "--lr", str(lr), "--wire-dtype", wire_dtype, "--out", str(out_dir), "--overwrite",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -203,6 +216,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/strategy-benchmark")
     parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
+    parser.add_argument("--reuse", action="store_true", help="keep the runs in --out that finished with the same settings")
+    parser.add_argument("--lr", default="", help="learning rates other than the defaults, e.g. fedsb=1e-2,fedavg=3e-3")
     parser.add_argument("--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>")
     args = parser.parse_args()
@@ -212,6 +227,15 @@ def main() -> int:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not seeds or seeds[0] < 0:
         parser.error("--seeds needs at least one seed, none negative")
+    lrs = dict(LR)
+    for item in [i for i in args.lr.split(",") if i.strip()]:
+        strategy, _, value = item.partition("=")
+        try:
+            lrs[strategy.strip()] = float(value)
+        except ValueError:
+            parser.error(f"--lr takes strategy=rate pairs, got {item!r}")
+        if strategy.strip() not in LR or not lrs[strategy.strip()] > 0:
+            parser.error(f"--lr: {item!r} needs one of {', '.join(LR)} and a positive rate")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -235,9 +259,11 @@ def main() -> int:
                 results = by_seed[seed] = {}
 
                 def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
-                    if not args.report_only:
+                    if args.reuse and finished_with(run_dir, settings, strategy, lrs[strategy], dtype):
+                        print(f"[{name}, seed {seed}] {label}: finished run kept", flush=True)
+                    elif not args.report_only:
                         print(f"[{name}, seed {seed}] running {label} ...", flush=True)
-                        run_strategy(strategy, settings, run_dir, dtype)
+                        run_strategy(strategy, settings, run_dir, dtype, lrs[strategy])
                     results[label] = load_run(run_dir)
 
                 for strategy in strategies:
