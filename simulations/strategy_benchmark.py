@@ -272,8 +272,9 @@ def main() -> int:
                     for strategy in ("fedavg", "fedsb"):
                         obtain(f"{strategy} ({dtype})", strategy, out / f"{name}-{strategy}-{dtype}{suffix}", dtype)
             first = by_seed[seeds[0]]
-            title = f"{name}, {args.rounds} rounds, {args.pooling} pooling" + (f", seed {seeds[0]}" if seeds[0] else "")
-            table = report(name, first, target, out / f"{name}-accuracy-vs-bytes.png", title)
+            seed_label = f", seed {seeds[0]}" if seeds != [0] else ""
+            title = f"{name}, {args.rounds} rounds, {args.pooling} pooling{seed_label}"
+            table = report(name + seed_label, first, target, out / f"{name}-accuracy-vs-bytes.png", title)
             if len(seeds) > 1:
                 table += "\n\n" + seeds_report(name, by_seed)
             (out / f"{name}-table.md").write_text(table + "\n")
