@@ -12,9 +12,8 @@ and the ratio of total bytes against FedAvg; writes a plot of accuracy against
 cumulative bytes. With several seeds (each one a different split, adapter
 initialisation and batch order) it also prints each strategy's accuracy as the mean
 and spread over the seeds; the first table and the plot are the first seed's. The
-default of 15 rounds is a budget on which Fed-SB's one-off
-initialisation (about one FedAvg round each way) is paid back; on short runs it
-dominates Fed-SB's bytes.
+default of 15 rounds is a budget on which Fed-SB's one-off initialisation (about one
+FedAvg round each way) is paid back; on short runs it dominates Fed-SB's bytes.
 """
 
 from __future__ import annotations
@@ -264,6 +263,8 @@ def main() -> int:
                     elif not args.report_only:
                         print(f"[{name}, seed {seed}] running {label} ...", flush=True)
                         run_strategy(strategy, settings, run_dir, dtype, lrs[strategy])
+                    elif not (run_dir / "summary.json").is_file():
+                        raise SystemExit(f"--report-only: no finished run in {run_dir}")
                     results[label] = load_run(run_dir)
 
                 for strategy in strategies:
