@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
@@ -26,10 +27,13 @@ log = logging.getLogger("fedlora")
 REPLY_TIMEOUT_S = 3600.0
 
 
-def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, resume: bool = False) -> dict:
+def run_federation(
+    grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, resume: bool = False, stale_nodes_s: float = 0.0
+) -> dict:
     """Run every round against the clients reachable through ``grid``; write the outputs.
 
-    With ``resume``, continue from the last checkpoint in ``out_dir``.
+    With ``resume``, continue from the last checkpoint in ``out_dir``. ``stale_nodes_s``:
+    how long the grid may still list clients that were connected before a crash.
     """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig, out_dir: Path, progress=print, re
         strategy.materialize(eval_model, bridge.global_state)
         return evaluate_global_model(eval_model.to(eval_device), tokenizer, cfg, examples, final=final, device=eval_device)
 
-    wait_for_nodes(grid, min_nodes=cfg.clients)
+    wait_for_nodes(grid, min_nodes=cfg.clients, settle_s=max(0.0, stale_nodes_s - (time.perf_counter() - start)))
     init = checkpoint[1]["init"] if checkpoint else {"bytes_up": 0, "bytes_down": 0}
     elapsed_before = checkpoint[1]["seconds"] if checkpoint else 0.0
     if strategy.needs_init and not checkpoint:
@@ -230,7 +234,14 @@ def federated_init(grid: Grid, bridge: FlowerStrategy, progress) -> dict:
     return {"bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
 
 
-def wait_for_nodes(grid: Grid, min_nodes: int, poll_s: float = 1.0) -> None:
+def wait_for_nodes(grid: Grid, min_nodes: int, poll_s: float = 1.0, settle_s: float = 0.0) -> None:
+    """Until ``min_nodes`` clients are connected. With ``settle_s``, count them only after
+    that long: a restarted SuperLink lists the clients of before the crash as connected
+    until their heartbeat lapses, and a round sent to one that has not yet reconnected
+    loses that client for the round."""
+    if settle_s > 0:
+        log.info("resuming: letting connections from before the restart lapse (%.0f s)", settle_s)
+        time.sleep(settle_s)
     waited = 0.0
     while len(list(grid.get_node_ids())) < min_nodes:
         if waited % 30 == 0:
@@ -274,5 +285,9 @@ def deployed_main(grid: Grid, context: Context) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    summary = run_federation(grid, cfg, out_dir, progress, resume=bool(context.run_config.get("resume", False)))
+    resume = bool(context.run_config.get("resume", False))
+    # the SuperLink keeps client registrations across a restart, each online until its last
+    # heartbeat's deadline: HEARTBEAT_PATIENCE intervals (the agents use Flower's default)
+    stale_s = float(HEARTBEAT_DEFAULT_INTERVAL * HEARTBEAT_PATIENCE) if resume else 0.0
+    summary = run_federation(grid, cfg, out_dir, progress, resume=resume, stale_nodes_s=stale_s)
     progress(f"run finished: final accuracy {summary['final_accuracy']}")
