@@ -121,6 +121,10 @@ def bytes_to_target(metrics: list[dict], summary: dict, target: float) -> int | 
     return None
 
 
+def total_bytes(summary: dict) -> int:
+    return summary["bytes_up_total"] + summary["bytes_down_total"]
+
+
 def last_rounds_mean(metrics: list[dict], k: int = 3) -> float:
     return sum(m["accuracy"] for m in metrics[-k:]) / len(metrics[-k:])
 
@@ -141,12 +145,7 @@ def seeds_report(name: str, by_seed: dict[int, dict[str, tuple[list[dict], dict]
     ]
     for label in by_seed[seeds[0]]:
         runs = [by_seed[s][label] for s in seeds]
-        ratios = []
-        for s, (_, summary) in zip(seeds, runs):
-            base = by_seed[s]["fedavg"][1]
-            ratios.append(
-                (base["bytes_up_total"] + base["bytes_down_total"]) / (summary["bytes_up_total"] + summary["bytes_down_total"])
-            )
+        ratios = [total_bytes(by_seed[s]["fedavg"][1]) / total_bytes(summary) for s, (_, summary) in zip(seeds, runs)]
         rows.append(
             f"| {label} | {mean_and_spread([r[1]['final_accuracy'] for r in runs])}"
             f" | {mean_and_spread([last_rounds_mean(r[0]) for r in runs])}"
@@ -161,7 +160,7 @@ def mb(n: int | None) -> str:
 
 
 def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path, plot_title: str) -> str:
-    base_total = sum(results["fedavg"][1][k] for k in ("bytes_up_total", "bytes_down_total"))
+    base_total = total_bytes(results["fedavg"][1])
     base_round = results["fedavg"][0][-1]["bytes_up"] + results["fedavg"][0][-1]["bytes_down"]
     rows = [
         f"### {name} (target accuracy {target:.2f})",
@@ -170,7 +169,7 @@ def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for strategy, (metrics, summary) in results.items():
-        total = summary["bytes_up_total"] + summary["bytes_down_total"]
+        total = total_bytes(summary)
         last = metrics[-1]["bytes_up"] + metrics[-1]["bytes_down"]
         err = sum(m["aggregation_error"] or 0.0 for m in metrics) / len(metrics)
         rows.append(
@@ -230,11 +229,12 @@ def main() -> int:
     for item in [i for i in args.lr.split(",") if i.strip()]:
         strategy, _, value = item.partition("=")
         try:
-            lrs[strategy.strip()] = float(value)
+            rate = float(value)
         except ValueError:
             parser.error(f"--lr takes strategy=rate pairs, got {item!r}")
-        if strategy.strip() not in LR or not lrs[strategy.strip()] > 0:
+        if strategy.strip() not in LR or not rate > 0:
             parser.error(f"--lr: {item!r} needs one of {', '.join(LR)} and a positive rate")
+        lrs[strategy.strip()] = rate
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in args.strategies.split(",") if s]
