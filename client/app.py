@@ -203,6 +203,7 @@ def train(msg: Message, context: Context) -> Message:
         else:
             grads, history = privacy.private_gradients(net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, **kw)
             save_dp_history(context, dp_file, history)
+        header["wire_dtype"] = str(record.get("init_dtype", wire_dtype))
         blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **header)
         return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(dp, history)}), reply_to=msg)
 

@@ -30,6 +30,7 @@ def _add_run_options(p: argparse.ArgumentParser, simulated: bool = True) -> None
     add("--ranks", help="FLoRA: comma-separated rank per client, e.g. 16,8,8,4")
     add("--init-batches", type=int, help="Fed-SB: batches per client for the initialisation gradient (default 4)")
     add("--wire-dtype", help="dtype of adapter tensors on the wire: fp32, fp16 or bf16 (default fp32)")
+    add("--init-dtype", help="dtype of what is sent once, Fed-SB's initialisation and the frozen A (and B) of FFA-LoRA and Fed-SB: fp32, fp16 or bf16 (default: --wire-dtype)")
     add("--dp-epsilon", type=float, help="train every client under sample-level DP with this total budget (default: off)")
     add("--dp-delta", type=float, help="DP delta (default 1e-5)")
     add("--dp-clip", type=float, help="per-sample gradient clipping norm (default 1.0)")

@@ -61,6 +61,8 @@ class RunConfig:
     max_length: int = 64
     init_batches: int = 4  # Fed-SB: batches each client uses for the initialisation gradient
     wire_dtype: str = "fp32"
+    # what is sent once (Fed-SB's initialisation, frozen A/B): "" means the wire dtype
+    init_dtype: str = ""
     max_update_mb: int = 64  # larger client payloads are rejected unread
     # robust aggregation: updates with norm > multiple x the round's median are clipped or rejected (0: off)
     robust_norm_multiple: float = 0.0
@@ -80,6 +82,11 @@ class RunConfig:
     # check); the final accuracy is always on the whole split. 0: every round on the whole split
     round_eval_examples: int = 96
     out: str | None = None
+
+    @property
+    def init_wire_dtype(self) -> str:
+        """The wire dtype of what is sent once: Fed-SB's gradient sketches, frozen A and B."""
+        return self.init_dtype or self.wire_dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -157,6 +164,8 @@ class RunConfig:
             raise UserError("--ranks (one rank per client) needs --strategy flora; use --rank otherwise")
         if self.wire_dtype not in ("fp32", "fp16", "bf16"):
             raise UserError(f"unknown wire dtype {self.wire_dtype!r}: choose from fp32, fp16, bf16")
+        if self.init_dtype not in ("", "fp32", "fp16", "bf16"):
+            raise UserError(f"unknown init dtype {self.init_dtype!r}: choose from fp32, fp16, bf16")
         if self.dp_epsilon is not None and self.dp_epsilon <= 0:
             raise UserError(f"dp-epsilon must be > 0, got {self.dp_epsilon}")
         if not 0.0 < self.dp_delta < 1.0:

@@ -49,15 +49,18 @@ def encode(
     round_num: int = 0,
     num_examples: int = 0,
     wire_dtype: str = "fp32",
+    role_dtypes: Mapping[str, str] | None = None,
     metrics: Mapping[str, float] | None = None,
     dp: Mapping[str, float] | None = None,
 ) -> bytes:
-    """Serialize named tensors, cast to the wire dtype, with the payload's header fields."""
-    dtype = WIRE_DTYPES[wire_dtype]
+    """Serialize named tensors, cast to the wire dtype (``role_dtypes`` overrides it for
+    tensors of the roles it names), with the payload's header fields."""
+    role_dtypes = role_dtypes or {}
     msg = pb.Payload(
         schema_version=SCHEMA_VERSION, kind=KINDS[kind], strategy=strategy, round=round_num, num_examples=num_examples
     )
     for name, t in tensors.items():
+        dtype = WIRE_DTYPES[role_dtypes.get(role_of(name), wire_dtype)]
         t = t.detach().to("cpu", dtype).contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         msg.tensors.add(name=name, role=role_of(name), shape=list(t.shape), dtype=_TO_PB[dtype], data=raw)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora import wire
+from fedlora.adapters import role_of
 from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected
 from fedlora.strategies.robust import screen_updates
 
@@ -75,6 +76,7 @@ class FlowerStrategy(Strategy):
         fraction: float = 1.0,
         seed: int = 0,
         wire_dtype: str = "fp32",
+        init_dtype: str | None = None,
         max_update_bytes: int = wire.DEFAULT_MAX_BYTES,
         robust_multiple: float = 0.0,
         robust_mode: str = "clip",
@@ -84,6 +86,7 @@ class FlowerStrategy(Strategy):
         self.fraction = fraction
         self.seed = seed
         self.wire_dtype = wire_dtype
+        self.init_dtype = init_dtype or wire_dtype
         self.global_state = self._in_wire_dtype(global_state)
         self.max_update_bytes = max_update_bytes
         self.robust_multiple = robust_multiple
@@ -101,20 +104,29 @@ class FlowerStrategy(Strategy):
 
     def _message(self, node_id: int, payload: bytes, server_round: int, phase: str) -> Message:
         record = ConfigRecord(
-            {"payload": payload, "run_config": self.run_config_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype}
+            {"payload": payload, "run_config": self.run_config_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype,
+             "init_dtype": self.init_dtype}
         )
         return Message(content=RecordDict({RECORD: record}), message_type=MessageType.TRAIN, dst_node_id=node_id)
 
     def _encode_down(self, tensors: State, server_round: int) -> bytes:
         return wire.encode(
-            tensors, kind="global", strategy=self.strategy.name, round_num=server_round, wire_dtype=self.wire_dtype
+            tensors, kind="global", strategy=self.strategy.name, round_num=server_round, wire_dtype=self.wire_dtype,
+            role_dtypes=self._frozen_dtypes(),
         )
 
+    def _frozen_dtypes(self) -> dict[str, str]:
+        return {role: self.init_dtype for role in self.strategy.frozen_roles}
+
     def _in_wire_dtype(self, state: State) -> State:
-        """The state rounded to what the wire dtype represents exactly, so that what
+        """The state rounded to what its wire dtype represents exactly, so that what
         clients receive (frozen A in FFA-LoRA, say) is bit-identical to the server's copy."""
-        dtype = wire.WIRE_DTYPES[self.wire_dtype]
-        return {n: t.to(dtype).to(t.dtype) for n, t in state.items()} if dtype != torch.float32 else state
+        frozen = self._frozen_dtypes()
+        out = {}
+        for n, t in state.items():
+            dtype = wire.WIRE_DTYPES[frozen.get(role_of(n), self.wire_dtype)]
+            out[n] = t if dtype == torch.float32 else t.to(dtype).to(t.dtype)
+        return out
 
     # ----- Fed-SB's federated initialisation ----------------------------------------------
     def configure_init(self, grid: Grid) -> list[Message]:

@@ -123,3 +123,43 @@ def test_a_non_finite_aggregate_is_discarded_and_the_state_kept():
     assert b.stats.clients == 0 and "not finite" in b.stats.reasons[0]
     for n in before:
         assert torch.equal(b.global_state[n], before[n])
+
+
+def test_fedsb_one_off_tensors_travel_in_the_init_dtype_and_aggregation_stays_exact(monkeypatch):
+    """--init-dtype bf16 on an fp32 wire: the gradient sketches and the frozen A and B
+    cross in bf16, R and the head in fp32; the server keeps the A and B the clients
+    receive, so the weighted mean of R is still the exact global update."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.schema import update_pb2 as pb
+
+    for field in ("_run_id", "_node_id", "_task_id"):  # Flower builds Messages inside a run
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    fedsb = make_strategy("fedsb", SPEC)
+    b = FlowerStrategy(fedsb, fedsb.setup(dict(GLOBAL)), "{}", init_dtype="bf16")
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2])
+    assert all(m.content[RECORD]["init_dtype"] == "bf16" for m in b.configure_init(grid))
+    gen = torch.Generator().manual_seed(0)
+    sketches = [fedsb.init_reply({"m.q": torch.randn(4, 3, generator=gen)}) for _ in range(2)]
+    blobs = [wire.encode(s, kind="init", strategy="fedsb", num_examples=n, wire_dtype="bf16") for s, n in zip(sketches, (10, 30))]
+    assert b.aggregate_init([FakeReply(1, blobs[0]), FakeReply(2, blobs[1])])
+
+    a, r = b.global_state["m.q.lora_A.weight"], b.global_state["m.q.lora_R.weight"]
+    assert torch.equal(a, a.bfloat16().float()) and not torch.equal(r, r.bfloat16().float())
+    payload = b.configure_train(1, None, None, grid)[0].content[RECORD]["payload"]
+    dtypes = {t.name: t.dtype for t in pb.Payload.FromString(payload).tensors}
+    assert dtypes == {
+        "m.q.lora_A.weight": pb.BFLOAT16, "m.q.lora_B.weight": pb.BFLOAT16,
+        "m.q.lora_R.weight": pb.FLOAT32, "classifier.weight": pb.FLOAT32,
+    }
+    received = wire.decode(payload).tensors
+    for name in ("m.q.lora_A.weight", "m.q.lora_B.weight"):
+        assert torch.equal(received[name], b.global_state[name])
+
+    def client_update(value: float, n: int) -> bytes:
+        tensors = {"m.q.lora_R.weight": r + value, "classifier.weight": torch.full((2, 4), value)}
+        return wire.encode_update(tensors, strategy="fedsb", round_num=1, num_examples=n)
+
+    b.aggregate_train(1, [FakeReply(1, client_update(0.5, 10)), FakeReply(2, client_update(-0.25, 30))])
+    assert b.stats.clients == 2 and b.stats.aggregation_error <= 1e-5
+    torch.testing.assert_close(b.global_state["m.q.lora_R.weight"], r + (0.5 * 10 - 0.25 * 30) / 40)

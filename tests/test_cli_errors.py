@@ -40,6 +40,7 @@ def _tiny_jsonl(tmp_path, n=6):
         (["--clients", "0"], "clients"),
         (["--clients", "abc"], "invalid int"),
         (["--partition", "zipf"], "unknown partition"),
+        (["--init-dtype", "fp8"], "unknown init dtype"),
         (["--model", "/nonexistent/model"], "model folder"),
         (["--config", "/nonexistent.toml"], "config file not found"),
         (["--lr", "nan"], "lr must be a finite number"),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from deployment_helpers import SMALL, fedlora, kill_group, rounds_logged, stop_all, supernode_pids, wait_until
 
 from fedlora.processes import free_loopback_port, wait_for_port
@@ -26,7 +27,7 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         coordinator = fedlora(
-            "coordinator", "--address", address, "--min-clients", "3", "--strategy", "fedsb", "--rounds", "2",
+            "coordinator", "--address", address, "--min-clients", "3", "--strategy", "fedsb", "--rounds", "2", "--init-dtype", "bf16",
             "--tls-dir", str(certs), "--auth-keys", str(certs / "auth-keys"), "--out", str(out), "--config", str(config),
             log=tmp_path / "coordinator.out",
         )
@@ -82,8 +83,11 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     assert metrics[1]["clients"] == 2  # the killed client's round-2 update never came
     assert metrics[1]["failed"] >= 1 or metrics[1]["sampled"] == 2
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["strategy"] == "fedsb" and summary["rounds"] == 2 and summary["init_bytes_up"] > 0
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["strategy"] == "fedsb" and summary["rounds"] == 2
+    # each agent sent its gradient sketches (as many numbers as A and B) in bf16, as the coordinator asked
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    sketch_numbers = sum(t.numel() for n, t in adapter.items() if "lora_A" in n or "lora_B" in n)
+    assert 3 * 2 * sketch_numbers <= summary["init_bytes_up"] < 3 * 2 * sketch_numbers * 1.1
     coordinator_log = (out / "coordinator.log").read_text()
     assert "initialisation from 3 clients" in coordinator_log
     assert "no reply from client" in coordinator_log or "disconnected since the last round" in coordinator_log
