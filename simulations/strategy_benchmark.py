@@ -1,7 +1,8 @@
 """All four strategies on the same split and budget: accuracy against bytes.
 
     python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--pooling pooler|mean]
-        [--seeds 0,1,2] [--lr fedsb=1e-2,...] [--out DIR] [--reuse | --report-only]
+        [--seeds 0,1,2] [--lr fedsb=1e-2,...] [--rank fedsb=24,...] [--init-dtype bf16]
+        [--out DIR] [--reuse | --report-only]
 
 Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
 same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
@@ -50,6 +51,8 @@ COMMON = {
 # Learning rates per strategy: those that train fewer parameters take larger steps
 # (Fed-SB's 5e-3 from a sweep of 3e-3, 5e-3 and 1e-2 on BBC: 1e-2 oscillates).
 LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 5e-3}
+# strategies that send tensors once (frozen A, Fed-SB's initialisation): what --init-dtype changes
+ONE_OFF_TENSORS = ("ffa", "fedsb")
 
 
 def with_pooling(settings: dict, pooling: str) -> dict:
@@ -80,26 +83,44 @@ def sst2_files(tmp: Path) -> dict | None:
     return {"data": out["train"], "eval_data": out["dev"], "eval_max_examples": 0, "partition": "iid"}
 
 
-def finished_with(out_dir: Path, settings: dict, strategy: str, lr: float, wire_dtype: str) -> bool:
+def finished_with(out_dir: Path, settings: dict, strategy: str, options: list[str]) -> bool:
     """Whether ``out_dir`` holds a finished run of exactly these settings. The data paths
     are left out: SST-2's JSONL files are written afresh into a temporary folder each time."""
     try:
         config = json.loads((out_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = {**settings, "strategy": strategy, "lr": lr, "wire_dtype": wire_dtype}
+    wanted = {**settings, "strategy": strategy, **option_values(options)}
     same = all(json.loads(json.dumps(v)) == config.get(k) for k, v in wanted.items() if k not in ("data", "eval_data"))
     return same and (out_dir / "summary.json").is_file()
 
 
-def run_strategy(strategy: str, settings: dict, out_dir: Path, wire_dtype: str = "fp32", lr: float | None = None) -> None:
-    lr = LR[strategy] if lr is None else lr
+def option_values(options: list[str]) -> dict:
+    """``["--lr", "0.005", "--wire-dtype", "fp32"]`` as config.json spells it."""
+    values = {}
+    for flag, text in zip(options[::2], options[1::2]):
+        key = flag.removeprefix("--").replace("-", "_")
+        values[key] = int(text) if key == "rank" else float(text) if key == "lr" else text
+    return values
+
+
+def strategy_options(strategy: str, lrs: dict, ranks: dict, wire_dtype: str, init_dtype: str) -> list[str]:
+    """The flags a strategy's run gets beyond the common settings."""
+    options = ["--lr", str(lrs[strategy]), "--wire-dtype", wire_dtype]
+    if strategy in ranks:
+        options += ["--rank", str(ranks[strategy])]
+    if init_dtype and strategy in ONE_OFF_TENSORS:
+        options += ["--init-dtype", init_dtype]
+    return options
+
+
+def run_strategy(strategy: str, settings: dict, out_dir: Path, options: list[str]) -> None:
     cfg_path = out_dir.with_suffix(".toml")
     lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     cfg_path.write_text("\n".join(lines) + "\n")
     cmd = [
         sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy,
-        "--lr", str(lr), "--wire-dtype", wire_dtype, "--out", str(out_dir), "--overwrite",
+        *options, "--out", str(out_dir), "--overwrite",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -206,6 +227,21 @@ def plot(results: dict[str, tuple[list[dict], dict]], path: Path, title: str) ->
     plt.close(fig)
 
 
+def per_strategy(parser: argparse.ArgumentParser, flag: str, text: str, cast: type) -> dict:
+    """``fedsb=1e-2,ffa=5e-3`` as {strategy: value}; a bad pair is a one-line usage error."""
+    values = {}
+    for item in [i for i in text.split(",") if i.strip()]:
+        strategy, _, raw = item.partition("=")
+        try:
+            value = cast(raw)
+        except ValueError:
+            parser.error(f"{flag} takes strategy=value pairs, got {item!r}")
+        if strategy.strip() not in STRATEGIES or not value > 0:
+            parser.error(f"{flag}: {item!r} needs one of {', '.join(STRATEGIES)} and a positive value")
+        values[strategy.strip()] = value
+    return values
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="bbc,sst2")
@@ -216,6 +252,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
     parser.add_argument("--reuse", action="store_true", help="keep the runs in --out that finished with the same settings")
     parser.add_argument("--lr", default="", help="learning rates other than the defaults, e.g. fedsb=1e-2,fedavg=3e-3")
+    parser.add_argument("--rank", default="", help="ranks other than the common 16, e.g. fedsb=24")
+    parser.add_argument("--init-dtype", default="", help="fedlora simulate --init-dtype for ffa and fedsb, e.g. bf16 (default: their wire dtype)")
     parser.add_argument("--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>")
     args = parser.parse_args()
@@ -225,16 +263,10 @@ def main() -> int:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not seeds or seeds[0] < 0:
         parser.error("--seeds needs at least one seed, none negative")
-    lrs = dict(LR)
-    for item in [i for i in args.lr.split(",") if i.strip()]:
-        strategy, _, value = item.partition("=")
-        try:
-            rate = float(value)
-        except ValueError:
-            parser.error(f"--lr takes strategy=rate pairs, got {item!r}")
-        if strategy.strip() not in LR or not rate > 0:
-            parser.error(f"--lr: {item!r} needs one of {', '.join(LR)} and a positive rate")
-        lrs[strategy.strip()] = rate
+    lrs = {**LR, **per_strategy(parser, "--lr", args.lr, float)}
+    ranks = per_strategy(parser, "--rank", args.rank, int)
+    if args.init_dtype not in ("", "fp32", "fp16", "bf16"):
+        parser.error(f"--init-dtype must be fp32, fp16 or bf16, got {args.init_dtype!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -258,11 +290,12 @@ def main() -> int:
                 results = by_seed[seed] = {}
 
                 def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
-                    if args.reuse and finished_with(run_dir, settings, strategy, lrs[strategy], dtype):
+                    options = strategy_options(strategy, lrs, ranks, dtype, args.init_dtype)
+                    if args.reuse and finished_with(run_dir, settings, strategy, options):
                         print(f"[{name}, seed {seed}] {label}: finished run kept", flush=True)
                     elif not args.report_only:
                         print(f"[{name}, seed {seed}] running {label} ...", flush=True)
-                        run_strategy(strategy, settings, run_dir, dtype, lrs[strategy])
+                        run_strategy(strategy, settings, run_dir, options)
                     elif not (run_dir / "summary.json").is_file():
                         raise SystemExit(f"--report-only: no finished run in {run_dir}")
                     results[label] = load_run(run_dir)
