@@ -155,6 +155,11 @@ def mean_and_spread(values: list[float]) -> str:
     return f"{mean:.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
+def ratio_range(ratios: list[float]) -> str:
+    low, high = f"{min(ratios):.1f}x", f"{max(ratios):.1f}x"
+    return low if low == high else f"{low}-{high}"
+
+
 def seeds_report(name: str, by_seed: dict[int, dict[str, tuple[list[dict], dict]]]) -> str:
     """Each strategy's accuracy over the seeds: mean, and lowest-highest in brackets."""
     seeds = sorted(by_seed)
@@ -166,14 +171,30 @@ def seeds_report(name: str, by_seed: dict[int, dict[str, tuple[list[dict], dict]
     ]
     for label in by_seed[seeds[0]]:
         runs = [by_seed[s][label] for s in seeds]
-        ratios = [total_bytes(by_seed[s]["fedavg"][1]) / total_bytes(summary) for s, (_, summary) in zip(seeds, runs)]
+        ratios = [total_bytes(baseline(by_seed[s])[1]) / total_bytes(summary) for s, (_, summary) in zip(seeds, runs)]
         rows.append(
             f"| {label} | {mean_and_spread([r[1]['final_accuracy'] for r in runs])}"
             f" | {mean_and_spread([last_rounds_mean(r[0]) for r in runs])}"
             f" | {mean_and_spread([r[1]['final_loss'] for r in runs])}"
-            f" | {min(ratios):.1f}x-{max(ratios):.1f}x |"
+            f" | {ratio_range(ratios)} |"
         )
     return "\n".join(rows)
+
+
+def baseline(results: dict[str, tuple[list[dict], dict]]) -> tuple[list[dict], dict]:
+    """FedAvg's run, the first one obtained: the denominator of every ratio."""
+    return next(iter(results.values()))
+
+
+def run_label(strategy: str, options: list[str]) -> str:
+    """The strategy's name, plus what it runs with beyond the common settings and its learning rate."""
+    values = option_values(options)
+    extras = [values["wire_dtype"]] if values["wire_dtype"] != "fp32" else []
+    if "rank" in values:
+        extras.append(f"rank {values['rank']}")
+    if "init_dtype" in values:
+        extras.append(f"{values['init_dtype']} init")
+    return f"{strategy} ({', '.join(extras)})" if extras else strategy
 
 
 def mb(n: int | None) -> str:
@@ -181,8 +202,9 @@ def mb(n: int | None) -> str:
 
 
 def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path, plot_title: str) -> str:
-    base_total = total_bytes(results["fedavg"][1])
-    base_round = results["fedavg"][0][-1]["bytes_up"] + results["fedavg"][0][-1]["bytes_down"]
+    base_metrics, base_summary = baseline(results)
+    base_total = total_bytes(base_summary)
+    base_round = base_metrics[-1]["bytes_up"] + base_metrics[-1]["bytes_down"]
     rows = [
         f"### {name} (target accuracy {target:.2f})",
         "",
@@ -269,9 +291,7 @@ def main() -> int:
         parser.error(f"--init-dtype must be fp32, fp16 or bf16, got {args.init_dtype!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    strategies = [s for s in args.strategies.split(",") if s]
-    if "fedavg" not in strategies:
-        strategies.insert(0, "fedavg")  # the baseline of every ratio
+    strategies = ["fedavg"] + [s for s in args.strategies.split(",") if s and s != "fedavg"]  # fedavg first: the baseline
     with tempfile.TemporaryDirectory() as tmp:
         datasets = {}
         if "bbc" in args.datasets:
@@ -289,8 +309,9 @@ def main() -> int:
                 suffix = f"-seed{seed}" if seed else ""
                 results = by_seed[seed] = {}
 
-                def obtain(label: str, strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
+                def obtain(strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
                     options = strategy_options(strategy, lrs, ranks, dtype, args.init_dtype)
+                    label = run_label(strategy, options)
                     if args.reuse and finished_with(run_dir, settings, strategy, options):
                         print(f"[{name}, seed {seed}] {label}: finished run kept", flush=True)
                     elif not args.report_only:
@@ -301,10 +322,10 @@ def main() -> int:
                     results[label] = load_run(run_dir)
 
                 for strategy in strategies:
-                    obtain(strategy, strategy, out / f"{name}-{strategy}{suffix}")
+                    obtain(strategy, out / f"{name}-{strategy}{suffix}")
                 for dtype in [d for d in args.wire_dtypes.split(",") if d]:
                     for strategy in ("fedavg", "fedsb"):
-                        obtain(f"{strategy} ({dtype})", strategy, out / f"{name}-{strategy}-{dtype}{suffix}", dtype)
+                        obtain(strategy, out / f"{name}-{strategy}-{dtype}{suffix}", dtype)
             first = by_seed[seeds[0]]
             seed_label = f", seed {seeds[0]}" if seeds != [0] else ""
             title = f"{name}, {args.rounds} rounds, {args.pooling} pooling{seed_label}"
