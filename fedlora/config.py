@@ -16,6 +16,7 @@ PARTITIONS = ("iid", "dirichlet")
 # what a classifier reads: the model's own pooled output (BERT: the [CLS] token through the
 # pooler's dense + tanh), or the mean of the encoder's token states over the attention mask
 POOLINGS = ("pooler", "mean")
+WIRE_DTYPES = ("fp32", "fp16", "bf16")
 TASKS = ("classify", "causal-lm")
 # what --task causal-lm changes, for the settings a run leaves at their defaults
 CAUSAL_LM_DEFAULTS: dict[str, Any] = {"target_modules": ("q_proj", "v_proj"), "head_modules": (), "max_length": 256, "lr": 5e-4}
@@ -82,11 +83,6 @@ class RunConfig:
     # check); the final accuracy is always on the whole split. 0: every round on the whole split
     round_eval_examples: int = 96
     out: str | None = None
-
-    @property
-    def init_wire_dtype(self) -> str:
-        """The wire dtype of what is sent once: Fed-SB's gradient sketches, frozen A and B."""
-        return self.init_dtype or self.wire_dtype
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -162,9 +158,9 @@ class RunConfig:
             raise UserError(f"ranks must all be >= 1, got {list(self.ranks)}")
         if self.ranks and self.strategy != "flora":
             raise UserError("--ranks (one rank per client) needs --strategy flora; use --rank otherwise")
-        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
+        if self.wire_dtype not in WIRE_DTYPES:
             raise UserError(f"unknown wire dtype {self.wire_dtype!r}: choose from fp32, fp16, bf16")
-        if self.init_dtype not in ("", "fp32", "fp16", "bf16"):
+        if self.init_dtype and self.init_dtype not in WIRE_DTYPES:
             raise UserError(f"unknown init dtype {self.init_dtype!r}: choose from fp32, fp16, bf16")
         if self.dp_epsilon is not None and self.dp_epsilon <= 0:
             raise UserError(f"dp-epsilon must be > 0, got {self.dp_epsilon}")

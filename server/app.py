@@ -69,7 +69,7 @@ def run_federation(
         fraction=cfg.fraction,
         seed=cfg.seed,
         wire_dtype=cfg.wire_dtype,
-        init_dtype=cfg.init_wire_dtype,
+        init_dtype=cfg.init_dtype,  # "": the wire dtype
         max_update_bytes=cfg.max_update_mb * 1024 * 1024,
         robust_multiple=cfg.robust_norm_multiple,
         robust_mode=cfg.robust_mode,

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedlora.config import POOLINGS
+from fedlora.config import POOLINGS, WIRE_DTYPES
 
 STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -83,44 +83,36 @@ def sst2_files(tmp: Path) -> dict | None:
     return {"data": out["train"], "eval_data": out["dev"], "eval_max_examples": 0, "partition": "iid"}
 
 
-def finished_with(out_dir: Path, settings: dict, strategy: str, options: list[str]) -> bool:
+def finished_with(out_dir: Path, settings: dict, strategy: str, options: dict) -> bool:
     """Whether ``out_dir`` holds a finished run of exactly these settings. The data paths
     are left out: SST-2's JSONL files are written afresh into a temporary folder each time."""
     try:
         config = json.loads((out_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = {**settings, "strategy": strategy, **option_values(options)}
+    wanted = {**settings, "strategy": strategy, **options}
     same = all(json.loads(json.dumps(v)) == config.get(k) for k, v in wanted.items() if k not in ("data", "eval_data"))
     return same and (out_dir / "summary.json").is_file()
 
 
-def option_values(options: list[str]) -> dict:
-    """``["--lr", "0.005", "--wire-dtype", "fp32"]`` as config.json spells it."""
-    values = {}
-    for flag, text in zip(options[::2], options[1::2]):
-        key = flag.removeprefix("--").replace("-", "_")
-        values[key] = int(text) if key == "rank" else float(text) if key == "lr" else text
-    return values
-
-
-def strategy_options(strategy: str, lrs: dict, ranks: dict, wire_dtype: str, init_dtype: str) -> list[str]:
-    """The flags a strategy's run gets beyond the common settings."""
-    options = ["--lr", str(lrs[strategy]), "--wire-dtype", wire_dtype]
+def strategy_options(strategy: str, lrs: dict, ranks: dict, wire_dtype: str, init_dtype: str | None) -> dict:
+    """The settings a strategy's run gets beyond the common ones, as config.json spells them."""
+    options = {"lr": lrs[strategy], "wire_dtype": wire_dtype}
     if strategy in ranks:
-        options += ["--rank", str(ranks[strategy])]
+        options["rank"] = ranks[strategy]
     if init_dtype and strategy in ONE_OFF_TENSORS:
-        options += ["--init-dtype", init_dtype]
+        options["init_dtype"] = init_dtype
     return options
 
 
-def run_strategy(strategy: str, settings: dict, out_dir: Path, options: list[str]) -> None:
+def run_strategy(strategy: str, settings: dict, out_dir: Path, options: dict) -> None:
     cfg_path = out_dir.with_suffix(".toml")
     lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     cfg_path.write_text("\n".join(lines) + "\n")
     cmd = [
         sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy,
-        *options, "--out", str(out_dir), "--overwrite",
+        *[arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))],
+        "--out", str(out_dir), "--overwrite",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -186,14 +178,13 @@ def baseline(results: dict[str, tuple[list[dict], dict]]) -> tuple[list[dict], d
     return next(iter(results.values()))
 
 
-def run_label(strategy: str, options: list[str]) -> str:
+def run_label(strategy: str, options: dict) -> str:
     """The strategy's name, plus what it runs with beyond the common settings and its learning rate."""
-    values = option_values(options)
-    extras = [values["wire_dtype"]] if values["wire_dtype"] != "fp32" else []
-    if "rank" in values:
-        extras.append(f"rank {values['rank']}")
-    if "init_dtype" in values:
-        extras.append(f"{values['init_dtype']} init")
+    extras = [options["wire_dtype"]] if options["wire_dtype"] != "fp32" else []
+    if "rank" in options:
+        extras.append(f"rank {options['rank']}")
+    if "init_dtype" in options:
+        extras.append(f"{options['init_dtype']} init")
     return f"{strategy} ({', '.join(extras)})" if extras else strategy
 
 
@@ -275,7 +266,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="keep the runs in --out that finished with the same settings")
     parser.add_argument("--lr", default="", help="learning rates other than the defaults, e.g. fedsb=1e-2,fedavg=3e-3")
     parser.add_argument("--rank", default="", help="ranks other than the common 16, e.g. fedsb=24")
-    parser.add_argument("--init-dtype", default="", help="fedlora simulate --init-dtype for ffa and fedsb, e.g. bf16 (default: their wire dtype)")
+    parser.add_argument("--init-dtype", choices=WIRE_DTYPES, help="fedlora simulate --init-dtype for ffa and fedsb, e.g. bf16 (default: their wire dtype)")
     parser.add_argument("--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>")
     args = parser.parse_args()
@@ -287,8 +278,6 @@ def main() -> int:
         parser.error("--seeds needs at least one seed, none negative")
     lrs = {**LR, **per_strategy(parser, "--lr", args.lr, float)}
     ranks = per_strategy(parser, "--rank", args.rank, int)
-    if args.init_dtype not in ("", "fp32", "fp16", "bf16"):
-        parser.error(f"--init-dtype must be fp32, fp16 or bf16, got {args.init_dtype!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     strategies = ["fedavg"] + [s for s in args.strategies.split(",") if s and s != "fedavg"]  # fedavg first: the baseline
