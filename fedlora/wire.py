@@ -18,6 +18,10 @@ from fedlora.schema import update_pb2 as pb
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_TENSORS = 100_000  # a large decoder's adapters are a few thousand tensors
+MAX_DIMS = 8
+MAX_DIM = 1 << 24  # per dimension; far above any vocabulary or hidden size
+MAX_EXAMPLES = 10**12  # a claimed data size beyond this is not a client's
 
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TO_PB = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16}
@@ -80,6 +84,12 @@ def encode_update(
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
     """Parse and check a payload; tensors come back as float32. InvalidUpdate on anything malformed."""
+    msg = _parse(data, max_bytes)
+    return _payload(msg, _decode_tensors(msg.tensors))
+
+
+def _parse(data: bytes, max_bytes: int) -> "pb.Payload":
+    """The message with its header checked; no tensor data is touched yet."""
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidUpdate(f"payload is {type(data).__name__}, not bytes")
     if len(data) > max_bytes:
@@ -93,14 +103,27 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
         raise InvalidUpdate(f"schema version {msg.schema_version} != {SCHEMA_VERSION}")
     if msg.kind not in _KIND_NAMES:
         raise InvalidUpdate(f"unknown payload kind {msg.kind}")
-    tensors: dict[str, torch.Tensor] = {}
-    for t in msg.tensors:
-        tensors[_check_name(t.name, tensors)] = _decode_tensor(t)
+    if len(msg.tensors) > MAX_TENSORS:
+        raise InvalidUpdate(f"{len(msg.tensors)} tensors exceed the limit of {MAX_TENSORS}")
+    return msg
+
+
+def _payload(msg: "pb.Payload", tensors: dict[str, torch.Tensor]) -> Payload:
     metrics = {k: float(v) for k, v in msg.metrics.items()}
     dp = None
     if msg.HasField("dp"):
         dp = {f.name: getattr(msg.dp, f.name) for f in pb.DPStats.DESCRIPTOR.fields}
+        bad = sorted(k for k, v in dp.items() if not (math.isfinite(v) and v >= 0))
+        if bad:
+            raise InvalidUpdate(f"DP statistic {bad[0]} is negative or not finite")
     return Payload(tensors, _KIND_NAMES[msg.kind], msg.strategy, msg.round, msg.num_examples, metrics, dp)
+
+
+def _decode_tensors(entries) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for t in entries:
+        tensors[_check_name(t.name, tensors)] = _decode_tensor(t)
+    return tensors
 
 
 def _check_name(name: str, seen: Mapping[str, torch.Tensor]) -> str:
@@ -111,6 +134,13 @@ def _check_name(name: str, seen: Mapping[str, torch.Tensor]) -> str:
     return name
 
 
+def _check_shape(name: str, shape: list[int]) -> None:
+    """Before anything is allocated: a bounded number of bounded dimensions (an empty
+    tensor's other dimensions could otherwise overflow an allocator's size arithmetic)."""
+    if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
+        raise InvalidUpdate(f"tensor {name!r} has an invalid shape {shape[:MAX_DIMS + 1]}")
+
+
 def _decode_tensor(t: "pb.Tensor") -> torch.Tensor:
     name = t.name
     if t.dtype not in _FROM_PB:
@@ -118,8 +148,7 @@ def _decode_tensor(t: "pb.Tensor") -> torch.Tensor:
     if t.role != role_of(name):
         raise InvalidUpdate(f"tensor {name!r} claims role {t.role!r}, its name says {role_of(name)!r}")
     shape = list(t.shape)
-    if len(shape) > 8 or any(d < 0 for d in shape):
-        raise InvalidUpdate(f"tensor {name!r} has an invalid shape {shape}")
+    _check_shape(name, shape)
     dtype = _FROM_PB[t.dtype]
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if math.prod(shape) * itemsize != len(t.data):
@@ -143,24 +172,36 @@ def decode_update(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Validate a client's update against the names and shapes the strategy expects this
     round (a None dimension is free: a client-chosen rank). Returns (tensors, num_examples)."""
-    payload = decode(data, max_bytes)
-    if kind is not None and payload.kind != kind:
-        raise InvalidUpdate(f"payload is a {payload.kind!r}, expected {kind!r}")
-    if payload.strategy != strategy:
-        raise InvalidUpdate(f"update is for strategy {payload.strategy!r}, not {strategy!r}")
-    if payload.round != round_num:
-        raise InvalidUpdate(f"update is for round {payload.round}, not {round_num}")
-    if payload.num_examples <= 0:
-        raise InvalidUpdate(f"number of examples must be positive, got {payload.num_examples}")
-    unknown = sorted(set(payload.tensors) - set(expected))
-    if unknown:
-        raise InvalidUpdate(f"unknown tensor name {unknown[0]!r}")
-    missing = sorted(set(expected) - set(payload.tensors))
-    if missing:
-        raise InvalidUpdate(f"missing tensor {missing[0]!r}")
-    for name, shape in expected.items():
-        got = tuple(payload.tensors[name].shape)
+    msg = _parse(data, max_bytes)
+    got_kind = _KIND_NAMES[msg.kind]
+    if kind is not None and got_kind != kind:
+        raise InvalidUpdate(f"payload is a {got_kind!r}, expected {kind!r}")
+    if msg.strategy != strategy:
+        raise InvalidUpdate(f"update is for strategy {msg.strategy!r}, not {strategy!r}")
+    if msg.round != round_num:
+        raise InvalidUpdate(f"update is for round {msg.round}, not {round_num}")
+    if not 0 < msg.num_examples <= MAX_EXAMPLES:
+        raise InvalidUpdate(f"number of examples must be in 1..{MAX_EXAMPLES}, got {msg.num_examples}")
+    _check_names_and_shapes(msg.tensors, expected)
+    payload = _payload(msg, _decode_tensors(msg.tensors))
+    return payload.tensors, payload.num_examples
+
+
+def _check_names_and_shapes(entries, expected: Mapping[str, tuple[int | None, ...]]) -> None:
+    """The declared names and shapes against what the strategy expects, before any data is
+    read: a flood of tensors stops at its first unknown or repeated name."""
+    seen: set[str] = set()
+    for t in entries:
+        if t.name not in expected:
+            raise InvalidUpdate(f"unknown tensor name {t.name[:80]!r}")
+        if t.name in seen:
+            raise InvalidUpdate(f"tensor {t.name!r} appears twice")
+        seen.add(t.name)
+        got, shape = list(t.shape), expected[t.name]
+        _check_shape(t.name, got)
         if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
             want = tuple("r" if e is None else e for e in shape)
-            raise InvalidUpdate(f"tensor {name} has shape {got}, expected {want}")
-    return payload.tensors, payload.num_examples
+            raise InvalidUpdate(f"tensor {t.name} has shape {tuple(got)}, expected {want}")
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise InvalidUpdate(f"missing tensor {missing[0]!r}")
