@@ -172,6 +172,10 @@ class AdapterStrategy(ABC):
         """Tensors a client keeps between rounds once received (frozen roles, merge history)."""
         return role_of(name) in self.frozen_roles or name.startswith("merged.")
 
+    def hold(self, held: State, received: State) -> State:
+        """What a client keeps after receiving ``received`` on top of ``held``."""
+        return {**held, **{n: t for n, t in received.items() if self.is_persistent(n)}}
+
     def broadcast(self, global_state: State) -> State:
         """What every sampled client receives each round."""
         return {n: t for n, t in global_state.items() if not self.is_persistent(n)}
@@ -188,6 +192,45 @@ class AdapterStrategy(ABC):
 
     def check_update(self, tensors: State) -> None:
         """Strategy-specific checks beyond names and shapes; raise UpdateRejected."""
+
+    # ----- bounding one client's influence ------------------------------------------------
+    def effect_norm(self, global_state: State, tensors: State) -> float:
+        """How far an update moves the model: per adapted module the Frobenius norm of the
+        change of the dense s·B·(R·)A, at the rank and scaling the client used, plus the
+        change of each head tensor. Measured through r x r Gram matrices: no d_out x d_in
+        product is formed."""
+        current = {n: t for n, t in global_state.items() if not n.startswith("merged.")}
+        client = {**current, **tensors}
+        total = 0.0
+        for m in sorted({module_of(n) for n in client if role_of(n) == ROLE_A}):
+            left, right = self._dense_factors(client, m)
+            if f"{m}.{ROLE_A}.weight" in current:  # minus what the global state already does
+                left_g, right_g = self._dense_factors(current, m)
+                left, right = torch.cat([left, -left_g], 1), torch.cat([right, right_g], 0)
+            total += float(torch.sum((left.T @ left) * (right @ right.T)))
+        for name, t in tensors.items():
+            if role_of(name) == ROLE_HEAD:
+                ref = current.get(name)
+                diff = t if ref is None or ref.shape != t.shape else t - ref
+                total += float(torch.sum(diff.to(torch.float64) ** 2))
+        return max(total, 0.0) ** 0.5
+
+    def _dense_factors(self, state: State, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s·B·R, A) in float64, so that the module's dense update is their product."""
+        a = state[f"{module}.{ROLE_A}.weight"].to(torch.float64)
+        left = (self.spec.alpha / a.shape[0]) * state[f"{module}.{ROLE_B}.weight"].to(torch.float64)
+        r = state.get(f"{module}.{ROLE_R}.weight")
+        if r is not None:
+            left = left @ r.to(torch.float64)
+        return left, a
+
+    def shrink(self, global_state: State, tensors: State, factor: float) -> State:
+        """The update moved ``factor`` of the way back to the global state (a clipped update)."""
+        out = {}
+        for name, t in tensors.items():
+            ref = global_state.get(name)
+            out[name] = t * factor if ref is None or ref.shape != t.shape else ref + (t - ref) * factor
+        return out
 
     # ----- client side ----------------------------------------------------------------
     def prepare_client_model(self, model: nn.Module, state: State, seed: int) -> None:

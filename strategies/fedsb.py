@@ -19,10 +19,11 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, gram_error, weights, with_rank
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected, gram_error, weights, with_rank
 
 GRAD_U = ".grad_us"  # U_k S_k: d_out x r
 GRAD_V = ".grad_v"  # V_k: d_in x r
+ORTHO_TOL = 0.05
 
 
 def sketch_gradient(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +78,28 @@ class FedSB(AdapterStrategy):
             shapes[f"{m}{GRAD_U}"] = (d_out, min(r, d_out, d_in))
             shapes[f"{m}{GRAD_V}"] = (d_in, min(r, d_out, d_in))
         return shapes
+
+    def check_init(self, tensors: State) -> None:
+        """A sketch is a truncated SVD: V has orthonormal columns and U S orthogonal ones.
+        Anything else is not a gradient sketch (tolerance covers a bf16 journey)."""
+        for m in self.module_shapes:
+            v = tensors[f"{m}{GRAD_V}"].to(torch.float64)
+            us = tensors[f"{m}{GRAD_U}"].to(torch.float64)
+            if float((v.T @ v - torch.eye(v.shape[1], dtype=torch.float64)).abs().max()) > ORTHO_TOL:
+                raise UpdateRejected(f"{m}: the sketch's V is not orthonormal")
+            gram = us.T @ us
+            scale = torch.sqrt(torch.outer(gram.diagonal(), gram.diagonal()))
+            off = (gram - torch.diag(gram.diagonal())).abs()
+            if bool((off > ORTHO_TOL * scale + 1e-300).any()):
+                raise UpdateRejected(f"{m}: the sketch's U S has no orthogonal columns")
+
+    def init_effect_norm(self, tensors: State) -> float:
+        """What a client's sketch would do to the model as the initial update: η ||U S Vᵀ||."""
+        total = sum(float(torch.sum(tensors[f"{m}{GRAD_U}"].to(torch.float64) ** 2)) for m in self.module_shapes)
+        return self.init_step * total**0.5
+
+    def shrink_init(self, tensors: State, factor: float) -> State:
+        return {n: t * factor if n.endswith(GRAD_U) else t for n, t in tensors.items()}
 
     def init_reply(self, grads: dict[str, torch.Tensor]) -> State:
         """What a client sends for the initialisation: a sketch of each module's gradient."""

@@ -9,12 +9,11 @@ payloads that actually crossed.
 from __future__ import annotations
 
 import logging
-import math
 import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -23,7 +22,8 @@ from flwr.serverapp.strategy import Strategy
 from fedlora import wire
 from fedlora.adapters import role_of
 from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected
-from fedlora.strategies.robust import screen_updates
+from fedlora.strategies.robust import NormScreen, Screened, cap_weights
+from fedlora.untrusted import one_line
 
 log = logging.getLogger("fedlora")
 
@@ -32,14 +32,17 @@ PHASE_TRAIN = "train"
 PHASE_INIT = "init"
 
 
+MAX_METRIC = 1e12  # a client-reported count or time beyond this is not believed
+
+
 def metric_value(metrics: MetricRecord | None, key: str) -> float | None:
-    """A client-reported metric as a finite number, or None: metrics are untrusted too
-    (Flower's MetricRecord also admits lists)."""
+    """A client-reported metric as a number in [0, MAX_METRIC], or None: metrics are
+    untrusted too (Flower's MetricRecord also admits lists), and sums of them stay finite."""
     if metrics is None or key not in metrics:
         return None
     value = metrics[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_METRIC:
+        return None  # NaN fails the comparison too
     return float(value)
 
 
@@ -80,6 +83,9 @@ class FlowerStrategy(Strategy):
         max_update_bytes: int = wire.DEFAULT_MAX_BYTES,
         robust_multiple: float = 0.0,
         robust_mode: str = "clip",
+        robust_max_norm: float = float("inf"),
+        weight_cap: float = 0.0,
+        robust_reference: float | None = None,
     ):
         self.strategy = strategy
         self.run_config_json = run_config_json
@@ -89,8 +95,9 @@ class FlowerStrategy(Strategy):
         self.init_dtype = init_dtype or wire_dtype
         self.global_state = self._in_wire_dtype(global_state)
         self.max_update_bytes = max_update_bytes
-        self.robust_multiple = robust_multiple
-        self.robust_mode = robust_mode
+        self.weight_cap = weight_cap
+        self.norm_screen = NormScreen(robust_multiple, robust_mode, robust_max_norm, robust_reference)
+        self.init_screen = NormScreen(robust_multiple, robust_mode, robust_max_norm)  # its own scale: no carried reference
         self.stats = RoundStats()
         self.init_stats: RoundStats | None = None
         self.connected: list[int] = []  # the nodes seen when the last round started
@@ -136,19 +143,41 @@ class FlowerStrategy(Strategy):
         return [self._message(n, payload, 0, PHASE_INIT) for n in nodes]
 
     def aggregate_init(self, replies: Iterable[Message]) -> bool:
-        """Build the initial adapters from the clients' gradients; False when none was valid."""
+        """Build the initial adapters from the clients' gradient sketches; False when none was valid."""
         stats = self.init_stats
-        grads = self._valid_updates(0, replies, self.strategy.expected_init_shapes(), stats, check=False, kind="init")
+        strategy = self.strategy
+        valid = self._valid_updates(0, replies, strategy.expected_init_shapes(), stats, strategy.check_init, kind="init")
+        screened = self.init_screen.screen(cap_weights([u for u, _ in valid], self.weight_cap), strategy.init_effect_norm, strategy.shrink_init)
+        self._count_screened(0, screened, stats)
+        grads = screened.kept
         stats.clients = len(grads)
         if not grads:
             return False
-        initial = self._in_wire_dtype(self.strategy.initialize(self.global_state, [u for u, _ in grads]))
+        try:
+            initial = self._in_wire_dtype(strategy.initialize(self.global_state, grads))
+        except Exception as exc:  # noqa: BLE001 - whatever the sketches do to the SVD, the coordinator goes on
+            return self._discard(0, stats, f"the initialisation failed: {one_line(exc)}")
         if not all_finite(initial):
-            stats.reasons.append("the initialisation built from the clients' gradients is not finite")
-            log.warning("initialisation discarded: not finite")
-            return False
+            return self._discard(0, stats, "the initialisation built from the clients' gradients is not finite")
+        # the initial update can do no more than the largest kept sketch: a bounded R0
+        largest = max(strategy.init_effect_norm(u.state) for u in grads)
+        if strategy.effect_norm(self.global_state, initial) > largest * (1 + 1e-3) + 1e-12:
+            return self._discard(0, stats, "the initialisation exceeds what its sketches allow")
         self.global_state = initial
         return True
+
+    def _discard(self, server_round: int, stats: RoundStats, reason: str) -> bool:
+        stats.clients = 0
+        stats.reasons.append(reason)
+        log.warning("round %d discarded, global state kept: %s", server_round, reason)
+        return False
+
+    def _count_screened(self, server_round: int, screened: Screened, stats: RoundStats) -> None:
+        for update, reason in screened.rejected:
+            stats.rejected += 1
+            stats.reasons.append(f"client {update.client_id}: {reason}")
+            log.warning("rejected update from client %s in round %d: %s", update.client_id, server_round, reason)
+        stats.clipped = screened.clipped
 
     # ----- Flower's Strategy API ----------------------------------------------------------
     def configure_train(
@@ -179,14 +208,15 @@ class FlowerStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        expected = self.strategy.expected_update_shapes(self.global_state)
-        valid = self._valid_updates(server_round, replies, expected, self.stats, check=True, kind="update")
-        screened = screen_updates(self.global_state, [u for u, _ in valid], self.robust_multiple, self.robust_mode)
-        for update, reason in screened.rejected:
-            self.stats.rejected += 1
-            self.stats.reasons.append(f"client {update.client_id}: {reason}")
-            log.warning("rejected update from client %s in round %d: %s", update.client_id, server_round, reason)
-        self.stats.clipped = screened.clipped
+        strategy = self.strategy
+        expected = strategy.expected_update_shapes(self.global_state)
+        valid = self._valid_updates(server_round, replies, expected, self.stats, strategy.check_update, kind="update")
+        screened = self.norm_screen.screen(
+            cap_weights([u for u, _ in valid], self.weight_cap),
+            lambda tensors: strategy.effect_norm(self.global_state, tensors),
+            lambda tensors, factor: strategy.shrink(self.global_state, tensors, factor),
+        )
+        self._count_screened(server_round, screened, self.stats)
         updates = screened.kept
         self.stats.clients = len(updates)
         if not updates:
@@ -197,12 +227,14 @@ class FlowerStrategy(Strategy):
         self.stats.train_seconds = sum(metric_value(m, "train-seconds") or 0.0 for m, _ in kept)
         self.stats.client_seconds = sum(metric_value(m, "client-seconds") or 0.0 for m, _ in kept)
         self.stats.train_tokens = int(sum(metric_value(m, "train-tokens") or 0 for m, _ in kept))
-        result = self.strategy.aggregate(self.global_state, updates, server_round)
+        try:
+            result = strategy.aggregate(self.global_state, updates, server_round)
+        except Exception as exc:  # noqa: BLE001 - valid updates that still break the math: drop the round, not the run
+            self._discard(server_round, self.stats, f"aggregation failed: {one_line(exc)}")
+            return None, None
         new_state = self._in_wire_dtype(result.state)
         if not all_finite(new_state):  # finite updates whose mean overflows, or overflows the wire dtype
-            self.stats.clients = 0
-            self.stats.reasons.append("the aggregate is not finite: round discarded, global state kept")
-            log.warning("round %d discarded: the aggregate is not finite", server_round)
+            self._discard(server_round, self.stats, "the aggregate is not finite")
             return None, None
         self.global_state = new_state
         self.stats.aggregation_error = result.error
@@ -217,53 +249,68 @@ class FlowerStrategy(Strategy):
         replies: Iterable[Message],
         expected: dict[str, Shape],
         stats: RoundStats,
-        check: bool,
+        check: Callable[[State], None],
         kind: str,
     ) -> list[tuple[ClientUpdate, MetricRecord | None]]:
         valid = []
         answered: set[int] = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            if reply.has_error():
-                stats.failed += 1
-                reason = (reply.error.reason or "no reason given").strip().splitlines()
-                who = node if node in stats.sampled else "(unreachable)"
-                log.warning("client %s failed in round %d: %s", who, server_round, reason[-1] if reason else "")
-                continue
-            # the node answered, so it holds this round's state whatever we make of its update
-            if server_round > 0:
-                self.synced[node] = server_round - 1
-            metrics = reply.content.metric_records.get("metrics")
-            if (epsilon := metric_value(metrics, "epsilon")) is not None:
-                self.epsilons[node] = epsilon
-            record = reply.content.config_records.get(RECORD)
-            if record is not None and "declined" in record:
-                stats.declined += 1
-                log.info("client %s declined round %d: %s", node, server_round, record["declined"])
-                continue
             try:
-                if record is None or not isinstance(record.get("payload"), bytes):
-                    raise wire.InvalidUpdate("reply carries no fedlora payload")
-                blob = record["payload"]
-                stats.bytes_up += len(blob)
-                tensors, n = wire.decode_update(
-                    blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes, kind=kind
-                )
-                if check:
-                    self.strategy.check_update(tensors)
-            except (wire.InvalidUpdate, UpdateRejected) as exc:
+                node = int(reply.metadata.src_node_id)
+            except Exception:  # noqa: BLE001
+                continue  # not a reply from any node
+            answered.add(node)
+            try:
+                update = self._read_reply(server_round, node, reply, expected, stats, check, kind)
+            except Exception as exc:  # noqa: BLE001 - any client input: its reply is rejected, the round goes on
+                reason = one_line(exc) if isinstance(exc, (wire.InvalidUpdate, UpdateRejected)) else f"unreadable reply ({type(exc).__name__})"
                 stats.rejected += 1
-                stats.reasons.append(f"client {node}: {exc}")
-                log.warning("rejected update from client %s in round %d: %s", node, server_round, exc)
+                stats.reasons.append(f"client {node}: {reason}")
+                log.warning("rejected update from client %s in round %d: %s", node, server_round, reason)
                 continue
-            valid.append((ClientUpdate(node, tensors, n), metrics))
+            if update is not None:
+                valid.append(update)
         # a node that vanished is answered for by the SuperLink, not by itself
         dropped = sorted(set(stats.sampled) - answered)
         if dropped:
             stats.reasons.append(f"no reply from client(s) {dropped}")
             log.warning("round %d: no reply from client(s) %s (dropped out)", server_round, dropped)
         return valid
+
+    def _read_reply(
+        self, server_round: int, node: int, reply: Message, expected: dict[str, Shape], stats: RoundStats,
+        check: Callable[[State], None], kind: str,
+    ) -> tuple[ClientUpdate, MetricRecord | None] | None:
+        """One client's reply as an update, None when it failed or declined; raises on anything invalid."""
+        if reply.has_error():
+            stats.failed += 1
+            lines = str(reply.error.reason or "no reason given").strip().splitlines()
+            who = node if node in stats.sampled else "(unreachable)"
+            log.warning("client %s failed in round %d: %s", who, server_round, one_line(lines[-1] if lines else ""))
+            return None
+        # the node answered, so it holds this round's state whatever we make of its update
+        if server_round > 0:
+            self.synced[node] = server_round - 1
+        metrics = reply.content.metric_records.get("metrics")
+        epsilon = metric_value(metrics, "epsilon")
+        if epsilon is not None:
+            self.epsilons[node] = epsilon
+        elif metrics is not None and "epsilon" in metrics:
+            log.warning("client %s reported an invalid epsilon in round %d: ignored", node, server_round)
+        record = reply.content.config_records.get(RECORD)
+        if record is not None and "declined" in record:
+            stats.declined += 1
+            log.info("client %s declined round %d: %s", node, server_round, one_line(record["declined"]))
+            return None
+        if record is None or not isinstance(record.get("payload"), bytes):
+            raise wire.InvalidUpdate("reply carries no fedlora payload")
+        blob = record["payload"]
+        stats.bytes_up += len(blob)
+        tensors, n = wire.decode_update(
+            blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes, kind=kind
+        )
+        check(tensors)
+        return ClientUpdate(node, tensors, n), metrics
 
     @property
     def worst_epsilon(self) -> float | None:

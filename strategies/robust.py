@@ -1,55 +1,114 @@
-"""Norm-based robust aggregation: updates far larger than the round's median are clipped or rejected.
+"""Bounding any one client's influence on the global model, before the strategy aggregates.
 
-Pure math over client updates; the bridge calls it before the strategy aggregates.
+Pure math over client updates; the bridge calls it. Two defences, both on by default:
+
+- **Weights.** A client's claimed data size is its aggregation weight; it is capped at
+  ``weight_cap`` x the round's median claim, so a client claiming 10**15 examples weighs
+  at most as much as ``weight_cap`` typical clients.
+- **Norms.** Each update's effect norm (what it does to the model, measured by the
+  strategy) is compared with ``multiple`` x a reference: the round's median effect norm
+  when there are at least two updates, else the median carried from the last round that
+  had one, else the absolute ``max_norm``. The screen never fails open: a lone update is
+  bounded too. Updates above the bound are clipped (direction kept) or rejected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from fedlora.strategies.base import ClientUpdate, State
 
+NormOf = Callable[[State], float]
+Shrink = Callable[[State, float], State]
+CLIP_TRIES = 8  # shrinking a product of two trained factors (FedAvg) is not linear: re-measure
+
 
 @dataclass
 class Screened:
     kept: list[ClientUpdate]
-    rejected: list[tuple[ClientUpdate, str]]
-    clipped: int
+    rejected: list[tuple[ClientUpdate, str]] = field(default_factory=list)
+    clipped: int = 0
+    bound: float | None = None
 
 
-def update_norm(global_state: State, update: ClientUpdate) -> float:
-    """L2 norm of what the client changed, over every tensor it sent (new tensors count whole)."""
-    total = 0.0
-    for name, t in update.state.items():
-        ref = global_state.get(name)
-        diff = t if ref is None or ref.shape != t.shape else t - ref
-        total += float(torch.sum(diff.to(torch.float64) ** 2))
-    return total**0.5
+def lower_median(values: Sequence[float]) -> float:
+    """torch's median: the lower middle value, so that one of two clients cannot raise it."""
+    return float(torch.tensor(list(values), dtype=torch.float64).median())
 
 
-def screen_updates(global_state: State, updates: Sequence[ClientUpdate], multiple: float, mode: str = "clip") -> Screened:
-    """Updates whose norm exceeds ``multiple`` x the median norm are clipped to that bound
-    (``mode="clip"``: direction kept) or left out (``mode="reject"``)."""
-    if multiple <= 0 or len(updates) < 2:
-        return Screened(list(updates), [], 0)
-    norms = [update_norm(global_state, u) for u in updates]
-    median = float(torch.tensor(norms).median())
-    bound = multiple * median
-    kept, rejected, clipped = [], [], 0
-    for u, n in zip(updates, norms):
-        if n <= bound or bound == 0.0:
-            kept.append(u)
-        elif mode == "reject":
-            rejected.append((u, f"update norm {n:.3g} exceeds {multiple:g} x the round's median norm {median:.3g}"))
-        else:
-            factor = bound / n
-            state = {}
-            for name, t in u.state.items():
-                ref = global_state.get(name)
-                state[name] = t * factor if ref is None or ref.shape != t.shape else ref + (t - ref) * factor
-            kept.append(ClientUpdate(u.client_id, state, u.num_examples))
-            clipped += 1
-    return Screened(kept, rejected, clipped)
+def cap_weights(updates: Sequence[ClientUpdate], cap: float) -> list[ClientUpdate]:
+    """Each claimed size capped at ``cap`` x the round's median claim (0: no cap)."""
+    if cap <= 0 or not updates:
+        return list(updates)
+    limit = max(1, int(cap * lower_median([u.num_examples for u in updates])))
+    return [u if u.num_examples <= limit else replace(u, num_examples=limit) for u in updates]
+
+
+class NormScreen:
+    """Effect norms against a reference that is carried across rounds."""
+
+    def __init__(self, multiple: float, mode: str = "clip", max_norm: float = float("inf"), reference: float | None = None):
+        self.multiple = multiple
+        self.mode = mode
+        self.max_norm = max_norm
+        self.reference = reference  # the last round's median effect norm
+
+    def bound_for(self, norms: Sequence[float]) -> float:
+        median = lower_median(norms) if len(norms) >= 2 else 0.0
+        if median > 0:
+            self.reference = median
+            return self.multiple * median
+        if self.reference is not None:
+            return self.multiple * self.reference
+        return self.max_norm
+
+    def screen(self, updates: Sequence[ClientUpdate], norm_of: NormOf, shrink: Shrink) -> Screened:
+        if self.multiple <= 0 or not updates:
+            return Screened(list(updates))
+        out = Screened([])
+        measured = []
+        for u in updates:
+            try:
+                norm = norm_of(u.state)
+            except Exception as exc:  # noqa: BLE001 - one update the math cannot measure is that update's problem
+                out.rejected.append((u, f"its effect norm cannot be measured ({type(exc).__name__})"))
+                continue
+            if math.isfinite(norm):
+                measured.append((u, norm))
+            else:
+                out.rejected.append((u, "its effect norm is not finite"))
+        out.bound = bound = self.bound_for([n for _, n in measured])
+        for u, n in measured:
+            if n <= bound:
+                out.kept.append(u)
+                continue
+            reason = f"update norm {n:.3g} exceeds the bound {bound:.3g} ({self.multiple:g} x the reference norm)"
+            state = None if self.mode == "reject" else clip(u.state, n, bound, norm_of, shrink)
+            if state is None and self.mode != "reject":
+                reason += ", and clipping did not bring it within"
+            if state is None:
+                out.rejected.append((u, reason))
+            else:
+                out.kept.append(replace(u, state=state))
+                out.clipped += 1
+        return out
+
+
+def clip(state: State, norm: float, bound: float, norm_of: NormOf, shrink: Shrink) -> State | None:
+    """The update shrunk towards the global state until its effect norm is within the bound;
+    None when that fails (it cannot, for an effect linear in what is shrunk)."""
+    factor = bound / norm
+    try:
+        for _ in range(CLIP_TRIES):
+            clipped = shrink(state, factor)
+            got = norm_of(clipped)
+            if got <= bound * (1 + 1e-6):
+                return clipped
+            factor *= bound / got
+    except Exception:  # noqa: BLE001 - an update that cannot be shrunk is rejected instead
+        return None
+    return None

@@ -5,12 +5,12 @@ import logging
 from types import SimpleNamespace
 
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedlora import wire
 from fedlora.adapters import LoRASpec
 from fedlora.strategies import make_strategy
 from fedlora.strategies.flower_bridge import RECORD, FlowerStrategy
+from replies import FakeReply
 
 SPEC = LoRASpec(rank=2, alpha=4.0, target_modules=("q",))
 GLOBAL = {
@@ -18,22 +18,6 @@ GLOBAL = {
     "m.q.lora_B.weight": torch.zeros(4, 2),
     "classifier.weight": torch.zeros(2, 4),
 }
-
-
-class FakeReply:
-    """Duck-typed stand-in for a Flower reply Message (real ones need a live run)."""
-
-    def __init__(self, node: int, payload=None, error: str | None = None, metrics: dict | None = None):
-        self.metadata = SimpleNamespace(src_node_id=node)
-        self.error = SimpleNamespace(reason=error)
-        content = RecordDict()
-        if payload is not None:
-            content[RECORD] = ConfigRecord({"payload": payload})
-            content["metrics"] = MetricRecord(metrics if metrics is not None else {"loss": 1.0, "train-seconds": 0.5})
-        self.content = content
-
-    def has_error(self) -> bool:
-        return self.error.reason is not None
 
 
 def update(value: float, **overrides) -> bytes:
