@@ -47,9 +47,8 @@ def merge_held(context: Context, strategy: AdapterStrategy, received: State) -> 
     held = {}
     if HELD in context.state.config_records:
         held = wire.decode(context.state.config_records[HELD]["blob"]).tensors
-    new = {n: t for n, t in received.items() if strategy.is_persistent(n)}
-    if new:
-        held.update(new)
+    if any(strategy.is_persistent(n) for n in received):
+        held = strategy.hold(held, received)
         context.state[HELD] = ConfigRecord({"blob": wire.encode(held, kind="held")})
     return {**held, **received}
 
@@ -217,8 +216,6 @@ def train(msg: Message, context: Context) -> Message:
         stats, history = privacy.private_train(net, tokenizer, local, dp=dp, history=history, **kw)
         save_dp_history(context, dp_file, history)
     update = adapter_state(net, strategy.sent_roles)
-    if setup.simulated and setup.index in cfg.poison_clients:  # a simulated attacker: its honest change, scaled up
-        update = {n: state[n] + cfg.poison_scale * (t - state[n]) if n in state else cfg.poison_scale * t for n, t in update.items()}
     blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)
     metrics = MetricRecord(
         {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples,

@@ -6,6 +6,13 @@ base weights: the global state keeps each round's stacked pair as
 ``merged.<round>.<module>.lora_A/B.weight`` (scaling folded into A), and a client
 receives the pairs of every round it has not seen yet, so one that missed rounds
 still rebuilds the right base weights. The head is averaged as in FedAvg.
+
+The history is bounded: once a module's stacked rank passes ``history_rank``, every round
+before the latest is folded into one base pair ``merged.0.<module>...`` by a truncated SVD
+of their summed product, keeping at most ``history_rank // 2`` directions (all of them, and
+so exactly, when the module is no larger than that). A client that receives a base drops
+the history it holds; catch-up never exceeds the base plus one round's stack. What the
+truncation drops shows in that round's ``aggregation_error``.
 """
 
 from __future__ import annotations
@@ -26,18 +33,31 @@ from fedlora.strategies.base import (
     UpdateRejected,
     lora_deltas,
     mean_of_deltas,
+    merged_deltas,
     relative_error,
     weighted_mean,
     weights,
     with_rank,
 )
 
-MAX_RANK = 1024
+MAX_RANK = 64  # a client-chosen rank; more would only help a client outweigh the others
+HISTORY_RANK = 256
+BASE_ROUND = 0  # merged.0.*: the compressed history of every round before the base's first kept round
+
+
+def merged_round(name: str) -> int | None:
+    match = MERGED.match(name)
+    return int(match.group(1)) if match else None
 
 
 class FLoRA(AdapterStrategy):
     name = "flora"
     trained_roles = (ROLE_A, ROLE_B, ROLE_HEAD)
+
+    def __init__(self, spec: LoRASpec, max_rank: int = MAX_RANK, history_rank: int = HISTORY_RANK):
+        super().__init__(spec)
+        self.max_rank = max(max_rank, spec.rank)
+        self.history_rank = history_rank
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:
         return with_rank(self.spec, rank or self.spec.rank)
@@ -47,8 +67,21 @@ class FLoRA(AdapterStrategy):
         return {n: t for n, t in initial_state.items() if role_of(n) == ROLE_HEAD}
 
     def catch_up(self, global_state: State, last_seen: int | None) -> State:
-        since = -1 if last_seen is None else last_seen
-        return {n: t for n, t in global_state.items() if (m := MERGED.match(n)) and int(m.group(1)) > since}
+        """Every round after ``last_seen``; the whole (compressed) history for a client that
+        has not yet received the current base."""
+        rounds = {n: r for n in global_state if (r := merged_round(n)) is not None}
+        kept_from = min((r for r in rounds.values() if r != BASE_ROUND), default=None) if BASE_ROUND in rounds.values() else None
+        if last_seen is None or (kept_from is not None and last_seen < kept_from):
+            since = -1
+        else:
+            since = last_seen
+        return {n: global_state[n] for n, r in rounds.items() if r > since}
+
+    def hold(self, held: State, received: State) -> State:
+        """A received base replaces the history a client holds: it already sums it."""
+        if any(merged_round(n) == BASE_ROUND for n in received):
+            held = {n: t for n, t in held.items() if not n.startswith("merged.")}
+        return super().hold(held, received)
 
     def expected_update_shapes(self, global_state: State) -> dict[str, Shape]:
         shapes: dict[str, Shape] = {n: tuple(t.shape) for n, t in global_state.items() if role_of(n) == ROLE_HEAD}
@@ -68,8 +101,13 @@ class FLoRA(AdapterStrategy):
             ranks.add(a.shape[0])
         if len(ranks) > 1:
             raise UpdateRejected(f"one client must use one rank, got {sorted(ranks)}")
-        if ranks and not 1 <= ranks.pop() <= MAX_RANK:
-            raise UpdateRejected(f"rank outside 1..{MAX_RANK}")
+        if ranks and not 1 <= ranks.pop() <= self.max_rank:
+            raise UpdateRejected(f"rank outside 1..{self.max_rank}")
+
+    def shrink(self, global_state: State, tensors: State, factor: float) -> State:
+        """Fresh adapters: the dense update is linear in B, so scale B (and the head's change), not A."""
+        shrunk = super().shrink(global_state, tensors, factor)
+        return {n: t if role_of(n) == ROLE_A else shrunk[n] for n, t in tensors.items()}
 
     def materialize(self, model: nn.Module, state: State) -> None:
         super().materialize(model, state)
@@ -88,7 +126,6 @@ class FLoRA(AdapterStrategy):
         heads = [n for n in updates[0].state if role_of(n) == ROLE_HEAD]
         for name in heads:
             new_state[name] = weighted_mean([u.state[name] for u in updates], ws)
-        actual = {}
         for m in self.module_shapes:
             a_parts, b_parts = [], []
             for u, w in zip(updates, ws):
@@ -96,18 +133,37 @@ class FLoRA(AdapterStrategy):
                 scaling = self.spec.alpha / a.shape[0]
                 a_parts.append(w * scaling * a)
                 b_parts.append(u.state[f"{m}.{ROLE_B}.weight"].to(torch.float64))
-            a_stack, b_stack = torch.cat(a_parts, 0), torch.cat(b_parts, 1)
-            new_state[f"merged.{round_num}.{m}.{ROLE_A}.weight"] = a_stack.to(torch.float32)
-            new_state[f"merged.{round_num}.{m}.{ROLE_B}.weight"] = b_stack.to(torch.float32)
-            actual[m] = b_stack.to(torch.float32).to(torch.float64) @ a_stack.to(torch.float32).to(torch.float64)
+            new_state[f"merged.{round_num}.{m}.{ROLE_A}.weight"] = torch.cat(a_parts, 0).to(torch.float32)
+            new_state[f"merged.{round_num}.{m}.{ROLE_B}.weight"] = torch.cat(b_parts, 1).to(torch.float32)
+            self._bound_history(new_state, m, round_num)
+        # the global dense change this round, base compression included, against Σ p_k ΔW_k
+        before, after = merged_deltas(global_state), merged_deltas(new_state)
+        actual = {m: after[m] - before[m] if m in before else after[m] for m in after}
         target = mean_of_deltas([lora_deltas(u.state, self.spec.alpha) for u in updates], ws)
         return Aggregate(new_state, relative_error(actual, target))
+
+    def _bound_history(self, state: State, module: str, round_num: int) -> None:
+        """Fold every round before ``round_num`` into the base pair once the stack is too deep."""
+        suffix = f".{module}.{ROLE_A}.weight"
+        rounds = sorted(r for n in state if n.endswith(suffix) and (r := merged_round(n)) is not None)
+        if sum(state[f"merged.{r}{suffix}"].shape[0] for r in rounds) <= self.history_rank:
+            return
+        folded = [r for r in rounds if r != round_num]
+        total = sum(
+            state.pop(f"merged.{r}.{module}.{ROLE_B}.weight").to(torch.float64) @ state.pop(f"merged.{r}{suffix}").to(torch.float64)
+            for r in folded
+        )
+        u, sing, vh = torch.linalg.svd(total, full_matrices=False)
+        numerical_rank = int((sing > sing[0] * 1e-12).sum()) if float(sing[0]) > 0 else 1
+        k = max(1, min(self.history_rank // 2, numerical_rank))
+        state[f"merged.{BASE_ROUND}.{module}.{ROLE_B}.weight"] = u[:, :k].contiguous().to(torch.float32)
+        state[f"merged.{BASE_ROUND}{suffix}"] = (sing[:k, None] * vh[:k]).contiguous().to(torch.float32)
 
     def stacked_adapter(self, global_state: State) -> State:
         """All merged rounds as one standard LoRA pair per module (scaling 1), plus the head."""
         out = {n: t for n, t in global_state.items() if role_of(n) == ROLE_HEAD}
         for m in self.module_shapes:
-            rounds = sorted(int(MERGED.match(n).group(1)) for n in global_state if n.startswith("merged.") and n.endswith(f".{m}.{ROLE_A}.weight"))
+            rounds = sorted(r for n in global_state if n.endswith(f".{m}.{ROLE_A}.weight") and (r := merged_round(n)) is not None)
             if rounds:
                 out[f"{m}.{ROLE_A}.weight"] = torch.cat([global_state[f"merged.{t}.{m}.{ROLE_A}.weight"] for t in rounds], 0)
                 out[f"{m}.{ROLE_B}.weight"] = torch.cat([global_state[f"merged.{t}.{m}.{ROLE_B}.weight"] for t in rounds], 1)
