@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,13 @@ TLS_FILES = ("ca.crt", "server.pem", "server.key")
 POLL_S = 2.0
 STATUS_EVERY_S = 15.0
 FINISHED = "run finished"  # the ServerApp's last progress line
+
+
+def superlink_message_cap(max_update_mb: int) -> int:
+    """The largest gRPC message the SuperLink takes from or sends to an agent: an update
+    within ``--max-update-mb``, or a download of about the same tensors (FLoRA's catch-up
+    is bounded too), with room to spare."""
+    return 2 * max_update_mb * 1024 * 1024
 
 
 @dataclass
@@ -134,9 +142,12 @@ def _echo_new_lines(path: Path, offset: int, progress) -> int:
         return fh.tell()
 
 
-def _start_superlink(dep: Deployment, flower: Path, fleet_address: str, log_path: Path) -> tuple[subprocess.Popen, _Flower]:
+def _start_superlink(
+    dep: Deployment, flower: Path, fleet_address: str, log_path: Path, max_message_bytes: int
+) -> tuple[subprocess.Popen, _Flower]:
     control_port = free_loopback_port()
-    cmd = [flower_executable("flower-superlink")]
+    flower_executable("flower-superlink")  # a clear error where flwr is missing
+    cmd = [sys.executable, "-m", "fedlora.superlink", "--max-message-bytes", str(max_message_bytes)]
     if dep.tls_dir is None:
         cmd.append("--insecure")
     else:
@@ -172,10 +183,11 @@ def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=p
             (flower / name).unlink(missing_ok=True)
     terminate_on_sigterm()
     superlink_log = flower / "superlink.log"
+    cap = superlink_message_cap(cfg.max_update_mb)
     if dep.auth_keys:
         # register the keys while the client API listens on a private loopback port only:
         # an agent that connects before its key is registered would be refused for good
-        superlink, cli = _start_superlink(dep, flower, f"127.0.0.1:{free_loopback_port()}", superlink_log)
+        superlink, cli = _start_superlink(dep, flower, f"127.0.0.1:{free_loopback_port()}", superlink_log, cap)
         try:
             for key in dep.auth_keys:
                 try:
@@ -185,7 +197,7 @@ def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=p
                         raise
         finally:
             stop(superlink)
-    superlink, cli = _start_superlink(dep, flower, dep.address, superlink_log)
+    superlink, cli = _start_superlink(dep, flower, dep.address, superlink_log, cap)
     try:
         progress(f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
                  f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
