@@ -65,16 +65,23 @@ class RunConfig:
     # what is sent once (Fed-SB's initialisation, frozen A/B): "" means the wire dtype
     init_dtype: str = ""
     max_update_mb: int = 64  # larger client payloads are rejected unread
-    # robust aggregation: updates with norm > multiple x the round's median are clipped or rejected (0: off)
-    robust_norm_multiple: float = 0.0
+    # Defences against a hostile client, on by default (README: Robustness). An update whose effect
+    # norm exceeds multiple x the round's median (or the last known median, or robust_max_norm when
+    # there is none) is clipped or rejected; 0 turns the screen off.
+    robust_norm_multiple: float = 3.0
     robust_mode: str = "clip"
+    robust_max_norm: float = 20.0
+    # a claimed data size is capped at this many times the round's median claim (0: off)
+    robust_weight_cap: float = 2.0
     # differential privacy (sample-level DP-SGD on every client); None: off
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
-    # simulation only: clients (by partition id) that send a poisoned update, g + scale * (u - g)
-    poison_clients: tuple[int, ...] = ()
-    poison_scale: float = 20.0
+    # simulation only, from a config file's [attack] table: clients (by partition id) that
+    # attack, how (fedlora.attacks.ATTACKS) and how hard
+    attack_clients: tuple[int, ...] = ()
+    attack_kind: str = "scale"
+    attack_scale: float = 20.0
     # set by the coordinator for deployed clients: the federation's label names, in index order
     labels: tuple[str, ...] = ()
     eval_batch_size: int = 64
@@ -170,8 +177,18 @@ class RunConfig:
             raise UserError(f"dp-clip must be > 0, got {self.dp_clip}")
         if self.robust_mode not in ("clip", "reject"):
             raise UserError(f"unknown robust mode {self.robust_mode!r}: choose clip or reject")
-        if self.robust_norm_multiple < 0:
-            raise UserError(f"robust-norm-multiple must be >= 0, got {self.robust_norm_multiple}")
+        for name in ("robust_norm_multiple", "robust_weight_cap"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.robust_max_norm <= 0:
+            raise UserError(f"robust-max-norm must be > 0, got {self.robust_max_norm}")
+        if self.attack_clients:
+            from fedlora.attacks import ATTACKS
+
+            if self.attack_kind not in ATTACKS:
+                raise UserError(f"unknown attack kind {self.attack_kind!r}: choose from {', '.join(ATTACKS)}")
+            if any(not 0 <= c < self.clients for c in self.attack_clients):
+                raise UserError(f"attack clients must be partition ids in 0..{self.clients - 1}, got {list(self.attack_clients)}")
         if self.max_update_mb < 1:
             raise UserError(f"max-update-mb must be >= 1, got {self.max_update_mb}")
         if not self.target_modules:
@@ -226,4 +243,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"malformed config {path}: {exc}") from None
     if "fedlora" in data and isinstance(data["fedlora"], dict):
         data = data["fedlora"]
-    return data
+    return flatten_attack(data)
+
+
+def flatten_attack(data: dict[str, Any]) -> dict[str, Any]:
+    """A config file's ``[attack]`` table (clients, kind, scale) as ``attack_*`` keys."""
+    for old in ("poison_clients", "poison_scale"):
+        if old in data:
+            raise UserError(f"config key {old!r} moved: use an [attack] table with clients, kind and scale")
+    attack = data.pop("attack", None)
+    if attack is None:
+        return data
+    if not isinstance(attack, dict):
+        raise UserError("attack must be a table: [attack] with clients, kind and scale")
+    unknown = sorted(set(attack) - {"clients", "kind", "scale"})
+    if unknown:
+        raise UserError(f"unknown key {unknown[0]!r} in [attack]: use clients, kind and scale")
+    return {**data, **{f"attack_{k}": v for k, v in attack.items()}}

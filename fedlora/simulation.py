@@ -73,6 +73,11 @@ def simulate(cfg: RunConfig, progress=print, resume: bool = False) -> Path:
             "object_store_memory": 200 * 1024 * 1024,
         },
     }
+    if cfg.attack_clients:
+        from fedlora.attacks import attacking_client_app
+
+        progress(f"simulated attack: client(s) {list(cfg.attack_clients)} send {cfg.attack_kind!r} updates (scale {cfg.attack_scale:g})")
+        client_app = attacking_client_app()
     run_simulation(
         server_app=make_server_app(cfg, out_dir, progress, resume),
         client_app=client_app,

@@ -73,6 +73,9 @@ def run_federation(
         max_update_bytes=cfg.max_update_mb * 1024 * 1024,
         robust_multiple=cfg.robust_norm_multiple,
         robust_mode=cfg.robust_mode,
+        robust_max_norm=cfg.robust_max_norm,
+        weight_cap=cfg.robust_weight_cap,
+        robust_reference=checkpoint[1].get("robust_reference") if checkpoint else None,
     )
     test = seeded_slice(splits.test, cfg.eval_max_examples, cfg.seed)
     round_test = seeded_slice(test, cfg.round_eval_examples, cfg.seed)
@@ -135,13 +138,15 @@ def run_federation(
                 "seconds": elapsed_before + time.perf_counter() - start,
                 "seed": cfg.seed,
                 "labels": splits.label_names,
+                "robust_reference": bridge.norm_screen.reference,
             },
         )
         progress(
             f"round {rnd}/{cfg.rounds}  " + _fmt_scores(scores)
             + (f" (on {len(round_test)} of {len(test)} held-out)" if len(round_test) < len(test) else "")
             + f"  clients {s.clients}"
-            f"  rejected {s.rejected}  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB"
+            f"  rejected {s.rejected}" + (f"  clipped {s.clipped}" if s.clipped else "")
+            + f"  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB"
             f"  agg-error {_fmt(s.aggregation_error)}"
             + (f"  epsilon {record['epsilon']:.3f}" if record["epsilon"] is not None else "")
             + (f"  declined {s.declined}" if s.declined else "")
@@ -221,18 +226,28 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
+INIT_ATTEMPTS = 3
+
+
 def federated_init(grid: Grid, bridge: FlowerStrategy, progress) -> dict:
-    """Fed-SB's initialisation round: clients send gradients, the server builds A, B, R0."""
+    """Fed-SB's initialisation round: clients send gradients, the server builds A, B, R0.
+    A round with no valid contribution is tried again, so no one reply can end the run."""
     t0 = time.perf_counter()
-    replies = grid.send_and_receive(bridge.configure_init(grid), timeout=REPLY_TIMEOUT_S)
-    if not bridge.aggregate_init(replies):
-        raise RuntimeError("no client returned a valid initialisation gradient")
-    s = bridge.init_stats
-    progress(
-        f"init: {bridge.strategy.name} initialisation from {s.clients} clients  rejected {s.rejected}"
-        f"  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB  {time.perf_counter() - t0:.1f}s"
-    )
-    return {"bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
+    bytes_up = bytes_down = 0
+    for attempt in range(1, INIT_ATTEMPTS + 1):
+        replies = grid.send_and_receive(bridge.configure_init(grid), timeout=REPLY_TIMEOUT_S)
+        done = bridge.aggregate_init(replies)
+        s = bridge.init_stats
+        bytes_up, bytes_down = bytes_up + s.bytes_up, bytes_down + s.bytes_down
+        progress(
+            f"init: {bridge.strategy.name} initialisation from {s.clients} clients  rejected {s.rejected}"
+            + (f"  clipped {s.clipped}" if s.clipped else "")
+            + f"  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB  {time.perf_counter() - t0:.1f}s"
+            + ("" if done else f"  (no valid contribution, attempt {attempt} of {INIT_ATTEMPTS})")
+        )
+        if done:
+            return {"bytes_up": bytes_up, "bytes_down": bytes_down}
+    raise RuntimeError(f"no client returned a valid initialisation gradient in {INIT_ATTEMPTS} attempts")
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, poll_s: float = 1.0, settle_s: float = 0.0) -> None:

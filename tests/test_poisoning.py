@@ -1,6 +1,6 @@
-"""One client boosts its update 20x. Unprotected, FedAvg collapses; with norm-based robust
-aggregation (clip to 1.5 x the round's median) the final accuracy stays within 1 point
-of the clean run.
+"""One client boosts its update 20x, through the simulated-attack mod. Unprotected, FedAvg
+collapses; with norm-based robust aggregation (clip to 1.5 x the round's median) the
+final accuracy stays within 1 point of the clean run.
 
 Clipping, not rejection, is what keeps the attacker's data in the federation: on this
 Dirichlet split rejecting client 2 every round costs about 4 points, because its labels
@@ -25,9 +25,9 @@ def run(tmp_path, name, *extra) -> tuple[float, list[dict]]:
 @pytest.mark.slow
 def test_robust_aggregation_defeats_a_boosted_client(tmp_path):
     poison = tmp_path / "poison.toml"
-    poison.write_text("poison_clients = [2]\npoison_scale = 20.0\n")
+    poison.write_text('[attack]\nclients = [2]\nkind = "scale"\nscale = 20.0\n')
     clean, _ = run(tmp_path, "clean")
-    attacked, _ = run(tmp_path, "attacked", "--config", str(poison))
+    attacked, _ = run(tmp_path, "attacked", "--config", str(poison), "--robust-norm-multiple", "0", "--robust-weight-cap", "0")
     protected, metrics = run(tmp_path, "protected", "--config", str(poison), "--robust-norm-multiple", "1.5", "--robust-mode", "clip")
     assert attacked < clean - 0.10
     assert abs(protected - clean) <= 0.01
