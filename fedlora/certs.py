@@ -1,10 +1,15 @@
 """``fedlora certs``: a throwaway CA, a server certificate and client keys for a test deployment.
 
-Layout written under the output folder:
-  ca.crt, ca.key            the CA (clients get ca.crt; keep ca.key off every other machine)
-  server.pem, server.key    the coordinator's TLS certificate, for --tls-dir
-  auth-keys/client-N.pub    client public keys, for the coordinator's --auth-keys
-  clients/client-N          client private keys (OpenSSH ECDSA P-384), one per client agent
+Layout written under the output folder, one folder per machine, so that each copies
+only its own (folders 0700, private keys 0600 from the moment they exist):
+  ca/ca.crt, ca/ca.key              the CA: keep ca.key on no machine of the federation
+  coordinator/                      for the coordinator: --tls-dir coordinator
+      ca.crt, server.pem, server.key    its TLS certificate
+      auth-keys/client-N.pub            the clients' public keys: --auth-keys coordinator/auth-keys
+  clients/client-N/                 for client agent N
+      ca.crt, client.key                --root-cert ca.crt --auth-key client.key (OpenSSH ECDSA P-384)
+Nothing is ever overwritten: a folder that already holds certificates is refused
+unless ``overwrite``, which removes them first.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 from pathlib import Path
 
 from cryptography import x509
@@ -22,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from fedlora.errors import UserError
 
 VALID_DAYS = 365
+LAYOUT = ("ca", "coordinator", "clients")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -29,9 +36,16 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Created with its final mode (no moment world-readable) and never over an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # whatever the umask made of it
+    return path
 
 
 def _pem_key(key) -> bytes:
@@ -51,17 +65,24 @@ def _san(host: str) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def write_certificates(out: str | Path, host: str, clients: int) -> Path:
+def write_certificates(out: str | Path, host: str, clients: int, overwrite: bool = False) -> Path:
     """Write the CA, a server certificate for ``host`` and ``clients`` client key pairs."""
     if clients < 0:
         raise UserError(f"clients must be >= 0, got {clients}")
     if not host or any(c.isspace() for c in host):
         raise UserError(f"not a host name or address: {host!r}")
     out = Path(out)
-    if (out / "ca.key").exists():
-        raise UserError(f"{out} already holds a CA; choose an empty folder")
-    (out / "auth-keys").mkdir(parents=True, exist_ok=True)
-    (out / "clients").mkdir(exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty (it may hold keys); choose an empty folder or pass --overwrite")
+        for name in LAYOUT:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+    ca_dir, coord_dir, clients_dir = (_private_dir(out / name) for name in LAYOUT)
+    _private_dir(coord_dir / "auth-keys")
     now = datetime.datetime.now(datetime.timezone.utc)
     until = now + datetime.timedelta(days=VALID_DAYS)
 
@@ -90,15 +111,19 @@ def write_certificates(out: str | Path, host: str, clients: int) -> Path:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(out / "ca.key", _pem_key(ca_key), private=True)
-    _write(out / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
-    _write(out / "server.key", _pem_key(server_key), private=True)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    _write(ca_dir / "ca.crt", ca_pem)
+    _write(ca_dir / "ca.key", _pem_key(ca_key), private=True)
+    _write(coord_dir / "ca.crt", ca_pem)
+    _write(coord_dir / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
+    _write(coord_dir / "server.key", _pem_key(server_key), private=True)
 
     for i in range(1, clients + 1):
         key = ec.generate_private_key(ec.SECP384R1())  # Flower takes ECDSA keys on NIST curves
         private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        _write(out / "clients" / f"client-{i}", private, private=True)
-        _write(out / "auth-keys" / f"client-{i}.pub", public + b"\n")
+        client_dir = _private_dir(clients_dir / f"client-{i}")
+        _write(client_dir / "ca.crt", ca_pem)
+        _write(client_dir / "client.key", private, private=True)
+        _write(coord_dir / "auth-keys" / f"client-{i}.pub", public + b"\n")
     return out

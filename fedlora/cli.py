@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--state-dir", default="fedlora-client", help="where the agent keeps its privacy accountant (default ./fedlora-client)")
     cl.add_argument("--max-wait", type=float, help="give up after this many seconds without the coordinator (default: keep trying)")
     ce = sub.add_parser("certs", help="write a test CA, server certificate and client keys")
-    ce.add_argument("--out", required=True, help="folder to write (must not hold a CA already)")
+    ce.add_argument("--out", required=True, help="folder to write: ca/, coordinator/ and clients/client-N/, one per machine (must be empty)")
+    ce.add_argument("--overwrite", action="store_true", help="replace the certificates and keys an earlier run wrote into --out")
     ce.add_argument("--host", default="localhost", help="the coordinator's host name or IP address, as clients dial it")
     ce.add_argument("--clients", type=int, default=3, help="client key pairs to create (default 3)")
     pa = sub.add_parser("partition", help="split a labelled file (default: the embedded data's training split) into client files")
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "certs":
             from fedlora.certs import write_certificates
 
-            print(f"wrote {write_certificates(args.out, args.host, args.clients)}")
+            print(f"wrote {write_certificates(args.out, args.host, args.clients, overwrite=args.overwrite)}")
         elif args.command == "partition":
             from fedlora.task import write_partitions
 

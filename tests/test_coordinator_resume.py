@@ -21,7 +21,7 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
     config = tmp_path / "small.toml"
     config.write_text(SMALL)
     address = f"127.0.0.1:{free_loopback_port()}"
-    deployment = ["--address", address, "--tls-dir", str(certs), "--auth-keys", str(certs / "auth-keys")]
+    deployment = ["--address", address, "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys")]
 
     procs: list[subprocess.Popen] = []
     try:
@@ -34,7 +34,8 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
             procs.append(
                 fedlora(
                     "client", "--coordinator", address, "--data", str(parts / f"client-{i}.jsonl"),
-                    "--root-cert", str(certs / "ca.crt"), "--auth-key", str(certs / "clients" / f"client-{i}"),
+                    "--root-cert", str(certs / "clients" / f"client-{i}" / "ca.crt"),
+                    "--auth-key", str(certs / "clients" / f"client-{i}" / "client.key"),
                     "--state-dir", str(tmp_path / f"agent-{i}"), log=tmp_path / f"agent-{i}.out",
                 )
             )

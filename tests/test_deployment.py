@@ -18,7 +18,7 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     certs, stranger_ca, parts, out = tmp_path / "certs", tmp_path / "other-ca", tmp_path / "parts", tmp_path / "run"
     assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "4"]).returncode == 0
     assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(stranger_ca), "--clients", "0"]).returncode == 0
-    (certs / "auth-keys" / "client-4.pub").unlink()  # client 4 has a key pair, but it is not registered
+    (certs / "coordinator" / "auth-keys" / "client-4.pub").unlink()  # client 4 has a key pair, but it is not registered
     assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "3"]).returncode == 0
     config = tmp_path / "small.toml"
     config.write_text(SMALL)
@@ -28,7 +28,7 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     try:
         coordinator = fedlora(
             "coordinator", "--address", address, "--min-clients", "3", "--strategy", "fedsb", "--rounds", "2", "--init-dtype", "bf16",
-            "--tls-dir", str(certs), "--auth-keys", str(certs / "auth-keys"), "--out", str(out), "--config", str(config),
+            "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys"), "--out", str(out), "--config", str(config),
             log=tmp_path / "coordinator.out",
         )
         procs.append(coordinator)
@@ -36,7 +36,7 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
         def agent(i: int, key: str, ca: Path, name: str, *extra: str) -> subprocess.Popen:
             proc = fedlora(
                 "client", "--coordinator", address, "--data", str(parts / f"client-{min(i, 3)}.jsonl"),
-                "--root-cert", str(ca / "ca.crt"), "--auth-key", str(certs / "clients" / key),
+                "--root-cert", str(ca / "ca" / "ca.crt"), "--auth-key", str(certs / "clients" / key / "client.key"),
                 "--state-dir", str(tmp_path / name), *extra, log=tmp_path / f"{name}.out",
             )
             procs.append(proc)

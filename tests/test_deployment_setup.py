@@ -24,20 +24,36 @@ from fedlora.task import load_splits, write_partitions
 
 def test_certificates_chain_to_the_ca_and_name_the_host(tmp_path):
     write_certificates(tmp_path, "coord.example.org", clients=2)
-    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
-    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    coord = tmp_path / "coordinator"
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((coord / "server.pem").read_bytes())
     ca.public_key().verify(server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"coord.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
     assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
     for i in (1, 2):
-        key = serialization.load_ssh_private_key((tmp_path / "clients" / f"client-{i}").read_bytes(), None)
+        client = tmp_path / "clients" / f"client-{i}"
+        key = serialization.load_ssh_private_key((client / "client.key").read_bytes(), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
-        public = (tmp_path / "auth-keys" / f"client-{i}.pub").read_bytes().strip()
+        public = (coord / "auth-keys" / f"client-{i}.pub").read_bytes().strip()
         assert public == key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
-    with pytest.raises(UserError, match="already holds a CA"):
-        write_certificates(tmp_path, "coord.example.org", clients=1)
+        assert (client / "ca.crt").read_bytes() == (tmp_path / "ca" / "ca.crt").read_bytes()
+
+
+def test_each_machine_gets_its_own_private_folder_and_nothing_is_overwritten(tmp_path):
+    write_certificates(tmp_path, "localhost", clients=1)
+    coordinator = {p.relative_to(tmp_path / "coordinator").as_posix() for p in (tmp_path / "coordinator").rglob("*")}
+    assert coordinator == {"ca.crt", "server.pem", "server.key", "auth-keys", "auth-keys/client-1.pub"}  # no CA key, no client key
+    for folder in ("ca", "coordinator", "coordinator/auth-keys", "clients", "clients/client-1"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o700
+    for key in ("ca/ca.key", "coordinator/server.key", "clients/client-1/client.key"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o600
+    before = (tmp_path / "ca" / "ca.key").read_bytes()
+    with pytest.raises(UserError, match="not empty"):
+        write_certificates(tmp_path, "localhost", clients=1)
+    assert (tmp_path / "ca" / "ca.key").read_bytes() == before
+    write_certificates(tmp_path, "localhost", clients=1, overwrite=True)
+    assert (tmp_path / "ca" / "ca.key").read_bytes() != before
 
 
 def test_deployment_flags_are_checked_before_anything_starts(tmp_path):
@@ -52,10 +68,11 @@ def test_deployment_flags_are_checked_before_anything_starts(tmp_path):
     with pytest.raises(UserError, match="needs TLS"):
         check_deployment("127.0.0.1:9092", None, True, str(tmp_path))
     write_certificates(tmp_path / "c", "localhost", clients=0)
+    coord = tmp_path / "c" / "coordinator"
     with pytest.raises(UserError, match="no \\*.pub"):
-        check_deployment("127.0.0.1:9092", str(tmp_path / "c"), False, str(tmp_path / "c" / "auth-keys"))
-    dep = check_deployment("127.0.0.1:9092", str(tmp_path / "c"), False, None)
-    assert dep.tls_dir == (tmp_path / "c").resolve() and dep.auth_keys == []
+        check_deployment("127.0.0.1:9092", str(coord), False, str(coord / "auth-keys"))
+    dep = check_deployment("127.0.0.1:9092", str(coord), False, None)
+    assert dep.tls_dir == coord.resolve() and dep.auth_keys == []
 
 
 def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
