@@ -8,6 +8,7 @@ fedlora settings. Everything Flower keeps goes under ``OUT/.flower``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
+from fedlora.report import write_json_atomic
 from fedlora.processes import (
     child_env,
     flower_executable,
@@ -48,6 +50,8 @@ fedlora-config = "{}"
 resume = false
 """
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
+REGISTERED_KEYS = "registered-keys.json"  # under .flower: the node id of each key this run registered
+SECURITY_RECORD = "deployment.json"  # the run's TLS and node-authentication mode
 POLL_S = 2.0
 STATUS_EVERY_S = 15.0
 FINISHED = "run finished"  # the ServerApp's last progress line
@@ -123,6 +127,52 @@ class _Flower:
         return result
 
 
+def key_fingerprint(path: Path) -> str:
+    """An OpenSSH public key's identity: its type and key material, not its comment."""
+    fields = path.read_text().split()
+    if len(fields) < 2:
+        raise UserError(f"{path} is not an OpenSSH public key")
+    return hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()
+
+
+def sync_registered_keys(cli: "_Flower", keys: list[Path], registry_path: Path) -> None:
+    """Make the SuperLink's registered keys exactly ``keys``: register the new ones and
+    unregister the nodes of keys no longer listed (the SuperLink's database keeps them
+    across a restart). ``registry_path`` maps each key we registered to its node id."""
+    registry: dict[str, int] = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
+    wanted = {key_fingerprint(k): k for k in keys}
+    try:
+        for fingerprint, node_id in list(registry.items()):
+            if fingerprint not in wanted:
+                cli.call("supernode", "unregister", str(node_id))
+                del registry[fingerprint]
+        for fingerprint, key in wanted.items():
+            if fingerprint in registry:
+                continue
+            try:
+                registry[fingerprint] = int(cli.call("supernode", "register", str(key))["node-id"])
+            except UserError as exc:
+                if "already in use" in str(exc):
+                    raise UserError(f"{key} is registered, but not by this run's record of keys ({registry_path}): "
+                                    "start the run afresh with --overwrite") from None
+                raise
+    finally:
+        write_json_atomic(registry_path, registry)
+
+
+def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
+    """A resume may not weaken the run's transport security or node authentication."""
+    path = out / SECURITY_RECORD
+    now = {"tls": dep.tls_dir is not None, "node_auth": bool(dep.auth_keys)}
+    if resume and path.is_file():
+        before = json.loads(path.read_text())
+        if before.get("tls") and not now["tls"]:
+            raise UserError("this run was started with TLS: resume it with --tls-dir, not --insecure")
+        if before.get("node_auth") and not now["node_auth"]:
+            raise UserError("this run was started with node authentication: resume it with --auth-keys")
+    write_json_atomic(path, now)
+
+
 def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
     """The Flower app folder (just its pyproject) and the run config file for ``flwr run``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,8 +229,9 @@ def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=p
     log_path = out / "coordinator.log"
     if not resume:  # a fresh run: no log, registrations or runs of an earlier one in this folder
         log_path.unlink(missing_ok=True)
-        for name in ("state.db", "state.db-wal", "state.db-shm"):
+        for name in ("state.db", "state.db-wal", "state.db-shm", REGISTERED_KEYS):
             (flower / name).unlink(missing_ok=True)
+    check_security_mode(out, dep, resume)
     terminate_on_sigterm()
     superlink_log = flower / "superlink.log"
     cap = superlink_message_cap(cfg.max_update_mb)
@@ -189,12 +240,7 @@ def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=p
         # an agent that connects before its key is registered would be refused for good
         superlink, cli = _start_superlink(dep, flower, f"127.0.0.1:{free_loopback_port()}", superlink_log, cap)
         try:
-            for key in dep.auth_keys:
-                try:
-                    cli.call("supernode", "register", str(key))
-                except UserError as exc:
-                    if "already in use" not in str(exc):  # registered by an earlier start of this run
-                        raise
+            sync_registered_keys(cli, dep.auth_keys, flower / REGISTERED_KEYS)
         finally:
             stop(superlink)
     superlink, cli = _start_superlink(dep, flower, dep.address, superlink_log, cap)

@@ -1,6 +1,8 @@
 """A deployed coordinator killed with SIGKILL during round 2 takes its SuperLink with it;
 ``fedlora coordinator --resume`` continues from round 1's checkpoint with the same client
-agents, which reconnect on their own, and every round is logged exactly once."""
+agents, which reconnect on their own, and every round is logged exactly once. A key
+removed from --auth-keys before the resume is refused after it (the SuperLink's database
+still held its registration), and a resume without --auth-keys is refused."""
 
 import json
 import signal
@@ -10,13 +12,13 @@ import sys
 import pytest
 from deployment_helpers import SMALL, fedlora, processes_mentioning, rounds_logged, stop_all, wait_until
 
-from fedlora.processes import free_loopback_port
+from fedlora.processes import free_loopback_port, wait_for_port
 
 
 @pytest.mark.slow
 def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
     certs, parts, out = tmp_path / "certs", tmp_path / "parts", tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "2"]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "3"]).returncode == 0
     assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "2"]).returncode == 0
     config = tmp_path / "small.toml"
     config.write_text(SMALL)
@@ -49,8 +51,24 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
         killed_after = rounds_logged(out)
         assert killed_after < 3
 
+        weakened = fedlora("coordinator", *deployment[:-2], "--resume", "--out", str(out), log=tmp_path / "weakened.out")
+        assert weakened.wait(timeout=120) != 0
+        assert "resume it with --auth-keys" in (tmp_path / "weakened.out").read_text()
+
+        (certs / "coordinator" / "auth-keys" / "client-3.pub").unlink()  # revoked: client 3 may join no more
         second = fedlora("coordinator", *deployment, "--resume", "--out", str(out), log=tmp_path / "second.out")
         procs.append(second)
+        host, port = address.rsplit(":", 1)
+        wait_for_port(host, int(port), second, 300, "the resumed coordinator")
+        revoked = fedlora(
+            "client", "--coordinator", address, "--data", str(parts / "client-2.jsonl"),
+            "--root-cert", str(certs / "clients" / "client-3" / "ca.crt"),
+            "--auth-key", str(certs / "clients" / "client-3" / "client.key"),
+            "--state-dir", str(tmp_path / "agent-3"), "--max-wait", "30", log=tmp_path / "agent-3.out",
+        )
+        procs.append(revoked)
+        assert revoked.wait(timeout=120) != 0
+        assert "refused this client's key" in (tmp_path / "agent-3.out").read_text()
         second.wait(timeout=900)
         log = (tmp_path / "second.out").read_text()
         assert second.returncode == 0, log

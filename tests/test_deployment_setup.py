@@ -166,3 +166,53 @@ def test_cli_deployment_errors_are_one_line(capsys):
     assert main(["client", "--coordinator", "127.0.0.1:9092", "--data", "missing.jsonl", "--insecure"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("fedlora: error:") for line in lines)
+
+
+class FakeFlowerCli:
+    """The SuperLink's key registry as ``flwr supernode register/unregister`` sees it."""
+
+    def __init__(self):
+        self.registered: dict[int, str] = {}
+
+    def call(self, *args):
+        if args[:2] == ("supernode", "register"):
+            key = open(args[2]).read()
+            if key in self.registered.values():
+                raise UserError("flwr supernode register: Public key already in use")
+            node = 100 + len(self.registered) * 7
+            self.registered[node] = key
+            return {"success": True, "node-id": node}
+        if args[:2] == ("supernode", "unregister"):
+            del self.registered[int(args[2])]
+            return {"success": True}
+        raise AssertionError(args)
+
+
+def test_registered_keys_follow_auth_keys_exactly_across_a_resume(tmp_path):
+    from fedlora.coordinator import sync_registered_keys
+
+    write_certificates(tmp_path / "c", "localhost", clients=3)
+    keys = sorted((tmp_path / "c" / "coordinator" / "auth-keys").glob("*.pub"))
+    cli, registry = FakeFlowerCli(), tmp_path / "registered.json"
+    sync_registered_keys(cli, keys, registry)
+    assert sorted(cli.registered.values()) == sorted(k.read_text() for k in keys)
+    sync_registered_keys(cli, keys, registry)  # a resume with the same keys: nothing changes
+    assert len(cli.registered) == 3
+    sync_registered_keys(cli, keys[:2], registry)  # client-3's key removed from --auth-keys
+    assert sorted(cli.registered.values()) == sorted(k.read_text() for k in keys[:2])
+    registry.unlink()  # a registration this run has no record of cannot be reconciled: refused
+    with pytest.raises(UserError, match="not by this run's record"):
+        sync_registered_keys(cli, keys[:2], registry)
+
+
+def test_a_resume_may_not_weaken_tls_or_node_authentication(tmp_path):
+    from fedlora.coordinator import Deployment, check_security_mode
+
+    secure = Deployment("127.0.0.1:9092", tmp_path, [tmp_path / "k.pub"])
+    check_security_mode(tmp_path, secure, resume=False)
+    with pytest.raises(UserError, match="resume it with --auth-keys"):
+        check_security_mode(tmp_path, Deployment("127.0.0.1:9092", tmp_path, []), resume=True)
+    with pytest.raises(UserError, match="not --insecure"):
+        check_security_mode(tmp_path, Deployment("127.0.0.1:9092", None, []), resume=True)
+    check_security_mode(tmp_path, secure, resume=True)
+    check_security_mode(tmp_path, Deployment("127.0.0.1:9092", None, []), resume=False)  # a fresh run chooses afresh
