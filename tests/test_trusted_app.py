@@ -1,0 +1,57 @@
+"""An agent runs only fedlora's own ClientApp: the bundle a coordinator sends may name it
+and nothing else, carry no code and ask for no dependencies."""
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from fedlora.coordinator import APP_PYPROJECT
+from fedlora.trusted_app import UntrustedBundle, check_bundle, write_launcher
+
+
+def bundle(files: dict[str, str]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, text in {**files, ".info/CONTENT": "hashes"}.items():
+            archive.writestr(name, text)
+    return out.getvalue()
+
+
+def test_the_coordinators_own_bundle_is_accepted():
+    check_bundle(bundle({"pyproject.toml": APP_PYPROJECT}))
+
+
+@pytest.mark.parametrize(
+    "files,reason",
+    [
+        ({"pyproject.toml": APP_PYPROJECT, "evil.py": "import os"}, "code or files of its own"),
+        ({"pyproject.toml": APP_PYPROJECT, "fedlora/client/app.py": "app = None"}, "code or files of its own"),
+        ({"pyproject.toml": APP_PYPROJECT.replace("fedlora.client.app:app", "evil:app")}, "not 'fedlora.client.app:app'"),
+        ({"pyproject.toml": APP_PYPROJECT.replace("dependencies = []", 'dependencies = ["stealer"]')}, "dependencies"),
+        ({"pyproject.toml": "not [toml"}, "not a readable"),
+        ({}, "no pyproject.toml"),
+    ],
+)
+def test_any_other_bundle_is_refused(files, reason):
+    with pytest.raises(UntrustedBundle, match=reason):
+        check_bundle(bundle(files))
+    with pytest.raises(UntrustedBundle, match="not a readable"):
+        check_bundle(b"PK\x03\x04 garbage")
+
+
+def test_the_launcher_wraps_flowers_clientapp_entry_point(tmp_path):
+    """The function it patches must exist in this flwr, or the check would silently not run."""
+    from flwr.supernode.runtime import run_clientapp
+
+    assert callable(run_clientapp.install_from_fab)
+    folder = write_launcher(tmp_path / "bin")
+    launcher = folder / "flwr-clientapp"
+    assert launcher.stat().st_mode & 0o777 == 0o700 and folder.stat().st_mode & 0o777 == 0o700
+    proc = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0 and "--runtime-api-address" in proc.stdout
+    assert launcher.read_text().startswith(f"#!{sys.executable}")
