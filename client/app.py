@@ -1,8 +1,19 @@
-"""The client agent (ClientApp): decode global state -> cached model -> local data -> train -> encode update."""
+"""The client agent (ClientApp): decode global state -> cached model -> local data -> train -> encode update.
+
+A deployed agent (``data-path`` in its node config, set by ``fedlora client``) trusts the
+coordinator with nothing about its data (README: Threat model): its own privacy settings
+override the coordinator's and a request outside them is declined before any data is
+read; DP noise and Poisson samples come from the operating system's secure source; under
+DP a reply carries the update and the DP statistics only; and whatever goes wrong goes
+back as a short code (``Declined``), never as text derived from the data. A simulated
+client is one party playing every role: it is seeded for reproducibility.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +25,31 @@ from flwr.clientapp import ClientApp
 
 from fedlora import privacy, wire
 from fedlora.adapters import adapter_state, reset_adapters, set_trainable
+from fedlora.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
 from fedlora.config import RunConfig
 from fedlora.data import align_labels
+from fedlora.errors import UserError
 from fedlora.report import write_json_atomic
 from fedlora.strategies import make_strategy
-from fedlora.strategies.base import AdapterStrategy, State
-from fedlora.strategies.flower_bridge import PHASE_INIT, RECORD
+from fedlora.strategies.base import AdapterStrategy, State, held_digest
+from fedlora.strategies.flower_bridge import HELD_DIGEST, PHASE_INIT, RECORD, RESYNC
 from fedlora.task import adapted_model, load_splits, load_task_data, lora_spec, tokenizer_for
 from fedlora.training import LocalData, full_weight_gradients, train_local
 
 app = ClientApp()
+log = logging.getLogger("fedlora")
 
 HELD = "fedlora-held"  # context.state record: tensors kept between rounds
 DP_STATE = "fedlora-dp"  # context.state record: this client's privacy accountant history
+
+
+class Declined(Exception):
+    """This client does not train this round. ``code`` is all a deployed agent tells the
+    coordinator; ``detail`` stays on the agent (and in a simulation's log)."""
+
+    def __init__(self, code: str, detail: str = "", epsilon: float | None = None):
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code, self.detail, self.epsilon = code, detail, epsilon
 
 
 def partition_id(context: Context) -> int:
@@ -42,14 +65,22 @@ def client_rank(cfg: RunConfig, pid: int) -> int:
     return cfg.ranks[pid % len(cfg.ranks)] if cfg.ranks else cfg.rank
 
 
-def merge_held(context: Context, strategy: AdapterStrategy, received: State) -> State:
-    """Keep what a client must remember (frozen A/B, FLoRA's merge history) in its node state."""
+def merge_held(context: Context, strategy: AdapterStrategy, received: State, held_file: Path | None = None) -> State:
+    """Keep what a client must remember (frozen A/B, FLoRA's merge history) in its node
+    state and, for a deployed agent, on its disk: a restarted agent still has it."""
     held = {}
     if HELD in context.state.config_records:
         held = wire.decode(context.state.config_records[HELD]["blob"]).tensors
+    elif held_file is not None and held_file.is_file():
+        held = wire.decode(held_file.read_bytes()).tensors
     if any(strategy.is_persistent(n) for n in received):
         held = strategy.hold(held, received)
-        context.state[HELD] = ConfigRecord({"blob": wire.encode(held, kind="held")})
+        blob = wire.encode(held, kind="held")
+        context.state[HELD] = ConfigRecord({"blob": blob})
+        if held_file is not None:
+            tmp = held_file.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(held_file)
     return {**held, **received}
 
 
@@ -95,10 +126,12 @@ def epsilon_metric(dp: privacy.DPPlan | None, history: privacy.History) -> Metri
     return MetricRecord({} if dp is None else {"epsilon": privacy.epsilon_of(history, dp.delta)})
 
 
-def decline(msg: Message, reason: str, epsilon: float) -> Message:
-    """A clear status instead of an update: this client would exceed its privacy budget."""
-    record = ConfigRecord({"declined": reason})
-    return Message(RecordDict({RECORD: record, "metrics": MetricRecord({"epsilon": epsilon})}), reply_to=msg)
+def decline(msg: Message, reason: str, epsilon: float | None) -> Message:
+    """A clear status instead of an update."""
+    content = RecordDict({RECORD: ConfigRecord({"declined": reason})})
+    if epsilon is not None:
+        content["metrics"] = MetricRecord({"epsilon": epsilon})
+    return Message(content, reply_to=msg)
 
 
 @dataclass
@@ -113,6 +146,10 @@ class LocalSetup:
     dp_epsilon: float | None
     dp_file: Path | None
     simulated: bool
+    dp_delta: float | None = None  # a deployed agent's own delta (None: the run's)
+    dp_clip: float | None = None  # a deployed agent's own clipping norm (None: the run's)
+    ledger: Ledger | None = None  # a deployed agent's privacy ledger for this data file
+    held_file: Path | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -126,6 +163,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int, strategy: AdapterStrategy) -> None:
+    """A deployed agent's verdict on the coordinator's request, before any data is read."""
+    try:
+        cfg.validate()
+    except UserError as exc:
+        raise Declined("bad-request", str(exc)) from None
+    wants_dp = own.epsilon is not None or cfg.dp_epsilon is not None
+    if not wants_dp:
+        return
+    delta = own.delta_for(num_examples)
+    if cfg.dp_delta > delta:
+        raise Declined("dp-delta-refused", f"the coordinator asks for delta {cfg.dp_delta:g}, this agent allows at most {delta:g}")
+    steps = privacy.planned_steps(cfg.rounds, cfg.local_steps, cfg.init_batches if strategy.needs_init else 0)
+    if steps > own.max_steps:
+        raise Declined("dp-steps-refused", f"the run plans {steps} DP steps, this agent allows at most {own.max_steps}")
+
+
 def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
     """A deployed agent (``data-path`` in its node config) reads its own file; a simulated
     client takes its partition of the run's data."""
@@ -134,20 +188,28 @@ def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
         if cfg.task == "causal-lm":
             data = load_task_data(cfg, str(node["data-path"]))
         elif not cfg.labels:
-            raise ValueError("the coordinator sent no label set")
+            raise Declined("no-labels", "the coordinator sent no label set")
         else:
-            data = align_labels(load_task_data(cfg, str(node["data-path"])), cfg.labels)
-        budget = node.get("dp-epsilon")
+            try:
+                data = align_labels(load_task_data(cfg, str(node["data-path"])), cfg.labels)
+            except UserError as exc:  # decided here; the coordinator learns only that they differ
+                raise Declined("labels-mismatch", str(exc)) from None
+        own = AgentPrivacy.from_node(node)
         state_dir = node.get("state-dir")
+        digest = node.get("data-digest")
         return LocalSetup(
             data=data,
             index=int(context.node_id) % 1_000_003,
             rank=int(node.get("rank", 0)) or cfg.rank,
             num_labels=len(cfg.labels),
             device=pick_device(str(node.get("device", "auto"))),
-            dp_epsilon=float(budget) if budget not in (None, "", 0) else cfg.dp_epsilon,
-            dp_file=Path(str(state_dir)) / "privacy.json" if state_dir else None,
+            dp_epsilon=own.epsilon if own.epsilon is not None else cfg.dp_epsilon,
+            dp_file=None,
             simulated=False,
+            dp_delta=own.delta_for(len(data)),
+            dp_clip=own.clip,
+            ledger=Ledger(Path(str(state_dir)), str(digest)) if state_dir and digest else None,
+            held_file=held_path(Path(str(state_dir)), context.run_id) if state_dir else None,
         )
     splits = load_splits(cfg)
     pid = partition_id(context)
@@ -165,62 +227,107 @@ def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    deployed = "data-path" in context.node_config
+    try:
+        return _train(msg, context, deployed)
+    except Declined as exc:
+        log.warning("declined round: %s", exc)
+        return decline(msg, exc.code if deployed else str(exc), exc.epsilon)
+    except Exception:
+        if not deployed:
+            raise
+        # the full story stays on this machine: it may quote the data
+        log.exception("this agent failed a round; the coordinator is told only 'agent-error'")
+        return decline(msg, "agent-error", None)
+
+
+def _train(msg: Message, context: Context, deployed: bool) -> Message:
     handler_start = time.perf_counter()
     record = msg.content[RECORD]
     cfg = RunConfig.from_dict(json.loads(record["run_config"]))
     round_num = int(record["round"])
+    strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
+    if deployed:
+        check_request(cfg, AgentPrivacy.from_node(context.node_config), int(context.node_config.get("num-examples", 0) or 0), strategy)
     setup = local_setup(cfg, context)
+    state = merge_held(context, strategy, wire.decode(record["payload"]).tensors, setup.held_file)
+    if HELD_DIGEST in record and held_digest(strategy, state) != record[HELD_DIGEST]:
+        raise Declined(RESYNC, "this client lacks tensors the coordinator sent before")
     local = setup.data
     cfg.dp_epsilon = setup.dp_epsilon
+    cfg.dp_delta = setup.dp_delta or cfg.dp_delta
+    cfg.dp_clip = setup.dp_clip or cfg.dp_clip
 
-    strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
     spec = strategy.client_spec(setup.rank)
     net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task, cfg.pooling).to(setup.device)
-    state = merge_held(context, strategy, wire.decode(record["payload"]).tensors)
     seed = cfg.seed * 1_000_003 + round_num * 1_009 + setup.index
+    # DP noise and Poisson sampling: seeded in simulation, unpredictable to anyone else when deployed
+    dp_seed = seed if setup.simulated else secrets.randbits(63)
     tokenizer = tokenizer_for(cfg.model, cfg.task)
     wire_dtype = str(record.get("wire_dtype", "fp32"))
     header = {"strategy": strategy.name, "round_num": round_num, "num_examples": len(local), "wire_dtype": wire_dtype}
 
     is_init = record.get("phase") == PHASE_INIT
     dp_file = setup.dp_file
-    dp, history = None, dp_history(context, dp_file)
+    dp, history = None, read_history(context, setup)
     if cfg.dp_epsilon is not None:
         total = privacy.planned_steps(cfg.rounds, cfg.local_steps, cfg.init_batches if strategy.needs_init else 0)
         dp = privacy.plan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, len(local), cfg.batch_size, total)
         steps = cfg.init_batches if is_init else cfg.local_steps
         if privacy.would_exceed(history, dp, steps):
             spent = privacy.epsilon_of(history, cfg.dp_delta)
-            return decline(msg, f"privacy budget: {steps} more steps would exceed epsilon {cfg.dp_epsilon} (spent {spent:.3f})", spent)
+            raise Declined("privacy-budget", f"{steps} more steps would exceed epsilon {cfg.dp_epsilon} (spent {spent:.3f})", spent)
+        if not setup.simulated:  # the count is the aggregation weight: only as fine as the public sample rate
+            header["num_examples"] = round(cfg.batch_size / dp.sample_rate)
+
+    def save(history: privacy.History) -> None:
+        if setup.ledger is not None:
+            setup.ledger.write(history)
+        save_dp_history(context, dp_file, history)
 
     if is_init:
         reset_adapters(net)  # no adapter effect: the gradient is the base model's
         strategy.materialize(net, state)
-        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": seed, "device": setup.device}
+        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": setup.device}
         if dp is None:
-            grads = full_weight_gradients(net, tokenizer, local, batches=cfg.init_batches, **kw)
+            grads = full_weight_gradients(net, tokenizer, local, batches=cfg.init_batches, seed=seed, **kw)
         else:
-            grads, history = privacy.private_gradients(net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, **kw)
-            save_dp_history(context, dp_file, history)
+            grads, history = privacy.private_gradients(
+                net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, seed=dp_seed, **kw
+            )
+            save(history)
         header["wire_dtype"] = str(record.get("init_dtype", wire_dtype))
         blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **header)
         return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(dp, history)}), reply_to=msg)
 
     strategy.prepare_client_model(net, state, seed)
     set_trainable(net, strategy.trained_roles)
-    kw = {"steps": cfg.local_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length, "seed": seed}
+    kw = {"steps": cfg.local_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length}
     kw["device"] = setup.device
     if dp is None:
-        stats = train_local(net, tokenizer, local, **kw)
+        stats = train_local(net, tokenizer, local, seed=seed, **kw)
     else:
-        stats, history = privacy.private_train(net, tokenizer, local, dp=dp, history=history, **kw)
-        save_dp_history(context, dp_file, history)
+        stats, history = privacy.private_train(net, tokenizer, local, dp=dp, history=history, seed=dp_seed, **kw)
+        save(history)
     update = adapter_state(net, strategy.sent_roles)
     blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)
-    metrics = MetricRecord(
-        {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples,
-         "train-tokens": stats.tokens}
-    )
-    metrics.update(epsilon_metric(dp, history))
-    metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode
+    if dp is not None and not setup.simulated:  # nothing un-noised about the data: the DP statistics only
+        metrics = epsilon_metric(dp, history)
+    else:
+        metrics = MetricRecord(
+            {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples,
+             "train-tokens": stats.tokens}
+        )
+        metrics.update(epsilon_metric(dp, history))
+        metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode
     return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": metrics}), reply_to=msg)
+
+
+def read_history(context: Context, setup: LocalSetup) -> privacy.History:
+    """A deployed agent's budget comes from its ledger alone; a lost ledger is no fresh budget."""
+    if setup.ledger is None:
+        return dp_history(context, setup.dp_file)
+    try:
+        return setup.ledger.read()
+    except LedgerLost as exc:
+        raise Declined("ledger-lost", str(exc)) from None

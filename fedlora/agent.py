@@ -1,38 +1,44 @@
 """``fedlora client``: a client agent, i.e. Flower's SuperNode with this machine's settings.
 
-The node config carries the data path, rank, device, privacy budget and state folder; the
-ClientApp (``fedlora.client.app``) reads them and only this machine's file. The agent
-serves the coordinator's runs until stopped.
+The node config carries the data path, its size and digest, rank, device, the agent's own
+privacy settings and state folder; the ClientApp (``fedlora.client.app``) reads them and
+only this machine's file. Only fedlora's own ClientApp runs (``fedlora.trusted_app``), one
+agent per state folder (a lock). The agent serves the coordinator's runs until stopped.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
 from collections import deque
 from pathlib import Path
 
+from fedlora.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
 from fedlora.coordinator import parse_address
 from fedlora.data import load_text_file
 from fedlora.instructions import load_instruction_file
 from fedlora.errors import UserError
 from fedlora.processes import child_env, flower_executable, free_loopback_port, start, stop, terminate_on_sigterm
+from fedlora.trusted_app import write_launcher
 
 DEVICES = ("auto", "cuda", "cpu")
 
 
-def node_config(data: Path, rank: int | None, device: str, dp_epsilon: float | None, state_dir: Path) -> str:
+def node_config(
+    data: Path, rank: int | None, device: str, own: AgentPrivacy, state_dir: Path, num_examples: int = 0, digest: str = ""
+) -> str:
     """Flower's ``--node-config``: ``key=value`` pairs, strings as TOML literal strings
     (Flower's parser allows any character in them but the quote itself)."""
     for path in (data, state_dir):
         if "'" in str(path):
             raise UserError(f"paths with a ' cannot be passed to Flower's node config: {path}")
-    pairs = [f"data-path='{data}'", f"state-dir='{state_dir}'"]
+    pairs = [f"data-path='{data}'", f"state-dir='{state_dir}'", f"num-examples={int(num_examples)}", *own.node_config()]
+    if digest:
+        pairs.append(f"data-digest='{digest}'")
     if rank is not None:
         pairs.append(f"rank={int(rank)}")
-    if dp_epsilon is not None:
-        pairs.append(f"dp-epsilon={float(dp_epsilon)!r}")
     pairs.append(f"device='{device}'")  # last: Flower reads a value ending in .toml as a file name
     return " ".join(pairs)
 
@@ -49,8 +55,9 @@ def check_agent(
     text_column: str,
     label_column: str,
     task: str = "classify",
-) -> None:
-    """Fail here, before anything connects, on settings the agent could not train with."""
+) -> int:
+    """Fail here, before anything connects, on settings the agent could not train with;
+    returns the number of examples in ``data``."""
     parse_address(coordinator)
     if (root_cert is None) == (not insecure):
         raise UserError("choose one of --root-cert FILE (TLS) or --insecure")
@@ -75,11 +82,12 @@ def check_agent(
     if task == "causal-lm":
         pairs = load_instruction_file(data)
         print(f"fedlora client: {len(pairs)} prompt/response pairs", flush=True)
-    elif task == "classify":
+        return len(pairs)
+    if task == "classify":
         local = load_text_file(data, text_column, label_column)
         print(f"fedlora client: {len(local)} examples, labels {local.label_names}", flush=True)
-    else:
-        raise UserError(f"unknown task {task!r}: choose classify or causal-lm")
+        return len(local)
+    raise UserError(f"unknown task {task!r}: choose classify or causal-lm")
 
 
 def run_agent(
@@ -87,30 +95,40 @@ def run_agent(
     data: str,
     rank: int | None = None,
     device: str = "auto",
-    dp_epsilon: float | None = None,
+    own: AgentPrivacy = AgentPrivacy(),
     root_cert: str | None = None,
     insecure: bool = False,
     auth_key: str | None = None,
-    state_dir: str = "fedlora-client",
+    state_dir: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
     task: str = "classify",
     max_wait_s: float | None = None,
+    dp_reset: bool = False,
 ) -> int:
-    check_agent(coordinator, data, rank, device, dp_epsilon, root_cert, insecure, auth_key, text_column, label_column, task)
-    state = Path(state_dir).resolve()
-    (state / "flower").mkdir(parents=True, exist_ok=True)
+    own.check()
+    num_examples = check_agent(coordinator, data, rank, device, own.epsilon, root_cert, insecure, auth_key, text_column, label_column, task)
+    state = Path(state_dir).resolve() if state_dir else default_state_dir()
+    lock = lock_state_dir(state)  # held until this process exits: one agent per state folder
+    digest = data_digest(data)
+    if dp_reset and Ledger(state, digest).reset():
+        print(f"fedlora client: privacy ledger of {data} reset: its spent budget is forgotten", flush=True)
+    print(f"fedlora client: state in {state}", flush=True)
+    private_dir(state / "flower")
     cmd = [flower_executable("flower-supernode"), "--superlink", coordinator]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(Path(root_cert).resolve())]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     # the SuperNode's own API for its ClientApp processes: loopback, a free port
     cmd += ["--host", "127.0.0.1", "--port", str(free_loopback_port())]
-    cmd += ["--node-config", node_config(Path(data).resolve(), rank, device, dp_epsilon, state)]
+    cmd += ["--node-config", node_config(Path(data).resolve(), rank, device, own, state, num_examples, digest)]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(max_wait_s)]
+    env = child_env(state / "flower")
+    # the SuperNode starts `flwr-clientapp` by name: ours first, which runs fedlora's ClientApp only
+    env["PATH"] = f"{write_launcher(state / 'bin')}{os.pathsep}{env['PATH']}"
     terminate_on_sigterm()
-    node = start(cmd, child_env(state / "flower"), None)
+    node = start(cmd, env, None)
     problems: deque[str] = deque(maxlen=20)  # an agent may run for weeks of retry warnings
     # the SuperNode's children inherit its output pipe: read it on the side and wait for
     # the SuperNode itself, whose exit is what counts
@@ -121,6 +139,7 @@ def run_agent(
     finally:
         stop(node)
         pump.join(timeout=5)
+        lock.close()
     if code != 0:
         raise UserError(f"the agent stopped (SuperNode exit status {code}): {_reason(problems)}")
     return 0
@@ -140,6 +159,7 @@ KNOWN_REFUSALS = (
     ("handshake", "TLS handshake with the coordinator failed: is --root-cert the CA that signed its certificate?"),
     ("[code: 2004]", "the coordinator refused this client's key: is its public key registered there?"),
     ("[code: 2001]", "the coordinator requires node authentication: pass --auth-key"),
+    ("refused the coordinator's app bundle", "the coordinator sent an app bundle other than fedlora's own: refused"),
     ("Giving up", "the coordinator could not be reached"),
 )
 

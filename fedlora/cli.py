@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedlora.agent_state import DEFAULT_MAX_STEPS, AgentPrivacy
 from fedlora.config import RunConfig, load_toml
 from fedlora.errors import UserError
 
@@ -90,10 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--rank", type=int, help="FLoRA: this client's LoRA rank (default: the run's)")
     cl.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto: CUDA when present)")
     cl.add_argument("--dp-epsilon", type=float, help="this client's own privacy budget (default: the run's setting)")
+    cl.add_argument("--dp-delta", type=float, help="this client's own delta; a coordinator asking for a larger one is refused (default: min(1e-5, 1/examples))")
+    cl.add_argument("--dp-clip", type=float, default=1.0, help="this client's own per-sample clipping norm (default 1.0)")
+    cl.add_argument("--dp-max-steps", type=int, default=DEFAULT_MAX_STEPS, help=f"refuse runs that plan more DP steps than this (default {DEFAULT_MAX_STEPS})")
+    cl.add_argument("--dp-reset", action="store_true", help="forget the privacy budget this data file has spent on this machine, and start afresh")
     cl.add_argument("--root-cert", help="the CA certificate that signed the coordinator's (ca.crt)")
     cl.add_argument("--insecure", action="store_true", help="no TLS")
     cl.add_argument("--auth-key", help="this client's private key, registered with the coordinator")
-    cl.add_argument("--state-dir", default="fedlora-client", help="where the agent keeps its privacy accountant (default ./fedlora-client)")
+    cl.add_argument("--state-dir", help="where the agent keeps its privacy ledgers and what it was sent (default $XDG_STATE_HOME/fedlora, else ~/.local/state/fedlora)")
     cl.add_argument("--max-wait", type=float, help="give up after this many seconds without the coordinator (default: keep trying)")
     ce = sub.add_parser("certs", help="write a test CA, server certificate and client keys")
     ce.add_argument("--out", required=True, help="folder to write: ca/, coordinator/ and clients/client-N/, one per machine (must be empty)")
@@ -189,10 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "client":
             from fedlora.agent import run_agent
 
+            own = AgentPrivacy(args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_max_steps)
             return run_agent(
-                args.coordinator, args.data, rank=args.rank, device=args.device, dp_epsilon=args.dp_epsilon,
+                args.coordinator, args.data, rank=args.rank, device=args.device, own=own,
                 root_cert=args.root_cert, insecure=args.insecure, auth_key=args.auth_key, state_dir=args.state_dir,
                 text_column=args.text_column, label_column=args.label_column, task=args.task, max_wait_s=args.max_wait,
+                dp_reset=args.dp_reset,
             )
         elif args.command == "certs":
             from fedlora.certs import write_certificates

@@ -7,6 +7,7 @@ a flat dict of named tensors, like every adapter state in fedlora.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from abc import ABC
 from collections.abc import Mapping, Sequence
@@ -134,6 +135,14 @@ def merged_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         d = b.to(torch.float64) @ a.to(torch.float64)
         deltas[module] = deltas.get(module, 0) + d
     return deltas
+
+
+def held_digest(strategy: "AdapterStrategy", state: Mapping[str, torch.Tensor]) -> str:
+    """Which persistent tensors (frozen A/B, merge history) a state holds, by name and shape:
+    the coordinator sends the digest of what a client should hold once it has merged the
+    message, and a client whose own differs (a restarted agent) asks to be sent it all."""
+    names = sorted(f"{n}{tuple(t.shape)}" for n, t in state.items() if strategy.is_persistent(n))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 class AdapterStrategy(ABC):

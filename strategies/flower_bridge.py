@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora import wire
 from fedlora.adapters import role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected, held_digest
 from fedlora.strategies.robust import NormScreen, Screened, cap_weights
 from fedlora.untrusted import one_line
 
@@ -30,6 +30,8 @@ log = logging.getLogger("fedlora")
 RECORD = "fedlora"
 PHASE_TRAIN = "train"
 PHASE_INIT = "init"
+HELD_DIGEST = "held_digest"  # what the client should hold after this message (strategies.base.held_digest)
+RESYNC = "resync"  # a client's decline: it lacks what it was sent before (a restarted agent)
 
 
 MAX_METRIC = 1e12  # a client-reported count or time beyond this is not believed
@@ -112,7 +114,7 @@ class FlowerStrategy(Strategy):
     def _message(self, node_id: int, payload: bytes, server_round: int, phase: str) -> Message:
         record = ConfigRecord(
             {"payload": payload, "run_config": self.run_config_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype,
-             "init_dtype": self.init_dtype}
+             "init_dtype": self.init_dtype, HELD_DIGEST: held_digest(self.strategy, self.global_state)}
         )
         return Message(content=RecordDict({RECORD: record}), message_type=MessageType.TRAIN, dst_node_id=node_id)
 
@@ -300,7 +302,10 @@ class FlowerStrategy(Strategy):
         record = reply.content.config_records.get(RECORD)
         if record is not None and "declined" in record:
             stats.declined += 1
-            log.info("client %s declined round %d: %s", node, server_round, one_line(record["declined"]))
+            reason = one_line(record["declined"])
+            log.info("client %s declined round %d: %s", node, server_round, reason)
+            if reason.split(":")[0] == RESYNC:  # it lost what it held: send it everything next time
+                self.synced.pop(node, None)
             return None
         if record is None or not isinstance(record.get("payload"), bytes):
             raise wire.InvalidUpdate("reply carries no fedlora payload")

@@ -12,7 +12,8 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedlora.agent import check_agent, node_config
-from fedlora.client.app import local_setup, pick_device
+from fedlora.agent_state import AgentPrivacy
+from fedlora.client.app import Declined, local_setup, pick_device
 from fedlora.certs import write_certificates
 from fedlora.cli import main
 from fedlora.config import RunConfig
@@ -100,13 +101,16 @@ def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
 
 def test_node_config_survives_flowers_parser(tmp_path):
     data = tmp_path / "a folder" / 'x"y.jsonl'
-    parsed = parse_config_args([node_config(data, 4, "auto", 8.0, tmp_path / "state.toml")])
-    assert parsed == {"data-path": str(data), "state-dir": str(tmp_path / "state.toml"), "rank": 4, "dp-epsilon": 8.0, "device": "auto"}
-    assert parse_config_args([node_config(data, None, "cpu", None, tmp_path)]) == {
-        "data-path": str(data), "state-dir": str(tmp_path), "device": "cpu"
-    }
+    own = AgentPrivacy(epsilon=8.0, delta=1e-6, clip=0.5, max_steps=400)
+    parsed = parse_config_args([node_config(data, 4, "auto", own, tmp_path / "state.toml", 120, "ab" * 32)])
+    assert parsed == {"data-path": str(data), "state-dir": str(tmp_path / "state.toml"), "num-examples": 120, "rank": 4,
+                      "dp-epsilon": 8.0, "dp-delta": 1e-6, "dp-clip": 0.5, "dp-max-steps": 400, "data-digest": "ab" * 32,
+                      "device": "auto"}
+    assert AgentPrivacy.from_node(parsed) == own
+    plain = parse_config_args([node_config(data, None, "cpu", AgentPrivacy(), tmp_path)])
+    assert AgentPrivacy.from_node(plain) == AgentPrivacy() and "rank" not in plain and "dp-epsilon" not in plain
     with pytest.raises(UserError, match="cannot be passed"):
-        node_config(tmp_path / "it's.jsonl", None, "cpu", None, tmp_path)
+        node_config(tmp_path / "it's.jsonl", None, "cpu", AgentPrivacy(), tmp_path)
 
 
 def test_partition_files_cover_the_training_split_only(tmp_path):
@@ -132,13 +136,15 @@ def test_a_deployed_client_reads_its_own_file(tmp_path):
     data = tmp_path / "mine.csv"
     data.write_text("text,label\nshares rose,business\nthe match,sports\n")
     cfg = RunConfig(labels=("business", "politics", "sports"), dp_epsilon=3.0, rank=8)
-    node = {"data-path": str(data), "rank": 4, "device": "cpu", "dp-epsilon": 1.5, "state-dir": str(tmp_path / "s")}
+    node = {"data-path": str(data), "rank": 4, "device": "cpu", "dp-epsilon": 1.5, "state-dir": str(tmp_path / "s"),
+            "data-digest": "ab" * 32}
     setup = local_setup(cfg, Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
     assert setup.data.texts == ["shares rose", "the match"] and setup.data.labels == [0, 2]
     assert (setup.rank, setup.num_labels, setup.dp_epsilon, setup.index) == (4, 3, 1.5, 77)
-    assert setup.dp_file == tmp_path / "s" / "privacy.json" and not setup.simulated
+    assert setup.ledger.path == tmp_path / "s" / "ledgers" / f"{'ab' * 32}.json" and not setup.simulated
+    assert setup.dp_delta == 1e-5 and setup.held_file == tmp_path / "s" / "runs" / "1" / "held.bin"
     assert setup.device == torch.device("cpu")
-    with pytest.raises(ValueError, match="no label set"):
+    with pytest.raises(Declined, match="no-labels"):
         local_setup(RunConfig(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
     assert pick_device("auto").type in ("cpu", "cuda")
 
