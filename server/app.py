@@ -241,7 +241,8 @@ def federated_init(grid: Grid, bridge: FlowerStrategy, progress) -> dict:
         bytes_up, bytes_down = bytes_up + s.bytes_up, bytes_down + s.bytes_down
         progress(
             f"init: {bridge.strategy.name} initialisation from {s.clients} clients  rejected {s.rejected}"
-            + (f"  clipped {s.clipped}" if s.clipped else "")
+            + (f"  clipped {s.clipped}" if s.clipped else "") + (f"  declined {s.declined}" if s.declined else "")
+            + (f"  failed {s.failed}" if s.failed else "")
             + f"  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB  {time.perf_counter() - t0:.1f}s"
             + ("" if done else f"  (no valid contribution, attempt {attempt} of {INIT_ATTEMPTS})")
         )
