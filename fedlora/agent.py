@@ -157,7 +157,8 @@ def _echo(stream, problems: deque[str]) -> None:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KNOWN_REFUSALS = (
     ("handshake", "TLS handshake with the coordinator failed: is --root-cert the CA that signed its certificate?"),
-    ("[code: 2004]", "the coordinator refused this client's key: is its public key registered there?"),
+    ("[code: 2004]", "the coordinator refused this client's key: is its public key registered there? "
+                     "(After a restart, also wait until the coordinator has marked the old agent offline, about a minute.)"),
     ("[code: 2001]", "the coordinator requires node authentication: pass --auth-key"),
     ("refused the coordinator's app bundle", "the coordinator sent an app bundle other than fedlora's own: refused"),
     ("Giving up", "the coordinator could not be reached"),

@@ -1,0 +1,62 @@
+"""A client agent killed after round 1 of Fed-SB and started again on the same state
+folder is caught up correctly: it trains against the frozen A and B it was sent once
+(kept on its disk, checked by the coordinator's held-tensor digest), never declines,
+and the run ends with both clients in its last rounds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from deployment_helpers import SMALL, fedlora, kill_group, rounds_logged, stop_all, supernode_pids, wait_until
+
+from fedlora.processes import free_loopback_port
+
+
+@pytest.mark.slow
+def test_a_restarted_agent_trains_against_what_it_was_sent(tmp_path):
+    certs, parts, out = tmp_path / "certs", tmp_path / "parts", tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "2"]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "2"]).returncode == 0
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL)
+    address = f"127.0.0.1:{free_loopback_port()}"
+
+    def agent(i: int) -> subprocess.Popen:
+        client = certs / "clients" / f"client-{i}"
+        return fedlora(
+            "client", "--coordinator", address, "--data", str(parts / f"client-{i}.jsonl"), "--root-cert", str(client / "ca.crt"),
+            "--auth-key", str(client / "client.key"), "--state-dir", str(tmp_path / f"agent-{i}"), log=tmp_path / f"agent-{i}.out",
+        )
+
+    procs: list[subprocess.Popen] = []
+    try:
+        coordinator = fedlora(
+            "coordinator", "--address", address, "--min-clients", "2", "--strategy", "fedsb", "--rounds", "4",
+            "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys"),
+            "--out", str(out), "--config", str(config), log=tmp_path / "coordinator.out",
+        )
+        procs += [coordinator, agent(1), agent(2)]
+        wait_until(lambda: rounds_logged(out) >= 1 or coordinator.poll() is not None, 600, "round 1")
+        assert coordinator.poll() is None, (tmp_path / "coordinator.out").read_text()
+        for pid in supernode_pids(str(tmp_path / "agent-1")):
+            kill_group(pid)
+        kill_group(procs[1].pid)
+        procs[1].wait(timeout=30)
+        assert list((tmp_path / "agent-1" / "runs").glob("*/held.bin")), "agent 1 kept nothing on its disk"
+        # the SuperLink lets the node in again once its missed heartbeats mark it offline,
+        # which also ends round 2 without it
+        wait_until(lambda: rounds_logged(out) >= 2 or coordinator.poll() is not None, 600, "round 2")
+        procs.append(agent(1))  # the same machine, the same state folder, a fresh process
+
+        coordinator.wait(timeout=900)
+        log = (tmp_path / "coordinator.out").read_text()
+        assert coordinator.returncode == 0, log
+    finally:
+        stop_all(procs, tmp_path)
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["clients"] == 2 and metrics[-1]["rejected"] == 0
+    assert all(m["declined"] == 0 for m in metrics)  # it never lacked what it had been sent
+    assert all(m["aggregation_error"] is None or m["aggregation_error"] < 1e-4 for m in metrics)
