@@ -33,7 +33,6 @@ from fedlora.strategies.base import (
     UpdateRejected,
     lora_deltas,
     mean_of_deltas,
-    merged_deltas,
     relative_error,
     weighted_mean,
     weights,
@@ -126,6 +125,7 @@ class FLoRA(AdapterStrategy):
         heads = [n for n in updates[0].state if role_of(n) == ROLE_HEAD]
         for name in heads:
             new_state[name] = weighted_mean([u.state[name] for u in updates], ws)
+        actual = {}
         for m in self.module_shapes:
             a_parts, b_parts = [], []
             for u, w in zip(updates, ws):
@@ -133,21 +133,21 @@ class FLoRA(AdapterStrategy):
                 scaling = self.spec.alpha / a.shape[0]
                 a_parts.append(w * scaling * a)
                 b_parts.append(u.state[f"{m}.{ROLE_B}.weight"].to(torch.float64))
-            new_state[f"merged.{round_num}.{m}.{ROLE_A}.weight"] = torch.cat(a_parts, 0).to(torch.float32)
-            new_state[f"merged.{round_num}.{m}.{ROLE_B}.weight"] = torch.cat(b_parts, 1).to(torch.float32)
-            self._bound_history(new_state, m, round_num)
-        # the global dense change this round, base compression included, against Σ p_k ΔW_k
-        before, after = merged_deltas(global_state), merged_deltas(new_state)
-        actual = {m: after[m] - before[m] if m in before else after[m] for m in after}
+            a_stack, b_stack = torch.cat(a_parts, 0).to(torch.float32), torch.cat(b_parts, 1).to(torch.float32)
+            new_state[f"merged.{round_num}.{m}.{ROLE_A}.weight"] = a_stack
+            new_state[f"merged.{round_num}.{m}.{ROLE_B}.weight"] = b_stack
+            # the global dense change this round, what a fold of the history drops included
+            actual[m] = b_stack.to(torch.float64) @ a_stack.to(torch.float64) + self._bound_history(new_state, m, round_num)
         target = mean_of_deltas([lora_deltas(u.state, self.spec.alpha) for u in updates], ws)
         return Aggregate(new_state, relative_error(actual, target))
 
-    def _bound_history(self, state: State, module: str, round_num: int) -> None:
-        """Fold every round before ``round_num`` into the base pair once the stack is too deep."""
+    def _bound_history(self, state: State, module: str, round_num: int) -> torch.Tensor | float:
+        """Fold every round before ``round_num`` into the base pair once the stack is too deep;
+        returns the change that made to the module's merged update (0 when there was no fold)."""
         suffix = f".{module}.{ROLE_A}.weight"
         rounds = sorted(r for n in state if n.endswith(suffix) and (r := merged_round(n)) is not None)
         if sum(state[f"merged.{r}{suffix}"].shape[0] for r in rounds) <= self.history_rank:
-            return
+            return 0.0
         folded = [r for r in rounds if r != round_num]
         total = sum(
             state.pop(f"merged.{r}.{module}.{ROLE_B}.weight").to(torch.float64) @ state.pop(f"merged.{r}{suffix}").to(torch.float64)
@@ -156,8 +156,9 @@ class FLoRA(AdapterStrategy):
         u, sing, vh = torch.linalg.svd(total, full_matrices=False)
         numerical_rank = int((sing > sing[0] * 1e-12).sum()) if float(sing[0]) > 0 else 1
         k = max(1, min(self.history_rank // 2, numerical_rank))
-        state[f"merged.{BASE_ROUND}.{module}.{ROLE_B}.weight"] = u[:, :k].contiguous().to(torch.float32)
-        state[f"merged.{BASE_ROUND}{suffix}"] = (sing[:k, None] * vh[:k]).contiguous().to(torch.float32)
+        base_b, base_a = u[:, :k].contiguous().to(torch.float32), (sing[:k, None] * vh[:k]).contiguous().to(torch.float32)
+        state[f"merged.{BASE_ROUND}.{module}.{ROLE_B}.weight"], state[f"merged.{BASE_ROUND}{suffix}"] = base_b, base_a
+        return base_b.to(torch.float64) @ base_a.to(torch.float64) - total
 
     def stacked_adapter(self, global_state: State) -> State:
         """All merged rounds as one standard LoRA pair per module (scaling 1), plus the head."""
