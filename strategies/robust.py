@@ -87,14 +87,15 @@ class NormScreen:
                 out.kept.append(u)
                 continue
             reason = f"update norm {n:.3g} exceeds the bound {bound:.3g} ({self.multiple:g} x the reference norm)"
-            state = None if self.mode == "reject" else clip(u.state, n, bound, norm_of, shrink)
-            if state is None and self.mode != "reject":
-                reason += ", and clipping did not bring it within"
-            if state is None:
+            if self.mode == "reject":
                 out.rejected.append((u, reason))
-            else:
-                out.kept.append(replace(u, state=state))
-                out.clipped += 1
+                continue
+            state = clip(u.state, n, bound, norm_of, shrink)
+            if state is None:
+                out.rejected.append((u, f"{reason}, and clipping did not bring it within"))
+                continue
+            out.kept.append(replace(u, state=state))
+            out.clipped += 1
         return out
 
 
