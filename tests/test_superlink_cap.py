@@ -1,7 +1,6 @@
 """The coordinator's SuperLink refuses a client's gRPC message above the run's cap before
 reading it (flwr 1.39's own SuperLink takes up to 2 GB), and still serves smaller ones."""
 
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import grpc
 import pytest
 
 from fedlora.coordinator import superlink_message_cap
-from fedlora.processes import free_loopback_port, stop, wait_for_port
+from fedlora.processes import child_env, free_loopback_port, start, stop, wait_for_port
 
 CAP = 200_000
 
@@ -20,9 +19,9 @@ def capped_superlink(tmp_path):
     cmd = [sys.executable, "-m", "fedlora.superlink", "--max-message-bytes", str(CAP), "--insecure",
            "--fleet-api-address", f"127.0.0.1:{fleet}", "--host", "127.0.0.1", "--port", str(control),
            "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
-    with (tmp_path / "superlink.log").open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # under fedlora's guard in a session of its own, as the coordinator runs it: stopping it
+    # stops the executor the SuperLink starts too
+    proc = start(cmd, child_env(tmp_path), tmp_path / "superlink.log")
     try:
         wait_for_port("127.0.0.1", fleet, proc, 60.0, "the SuperLink")
         yield f"127.0.0.1:{fleet}"
