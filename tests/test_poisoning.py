@@ -1,6 +1,7 @@
-"""One client boosts its update 20x, through the simulated-attack mod. Unprotected, FedAvg
-collapses; with norm-based robust aggregation (clip to 1.5 x the round's median) the
-final accuracy stays within 1 point of the clean run.
+"""One client boosts its update 20x, through the simulated-attack mod. With the defences
+off, FedAvg collapses; with the defaults (effect norms clipped at 3x the round's median),
+the attacker is clipped every round and the final accuracy stays within 1 point of the
+clean run (measured: 0.9572 against 0.9595).
 
 Clipping, not rejection, is what keeps the attacker's data in the federation: on this
 Dirichlet split rejecting client 2 every round costs about 4 points, because its labels
@@ -23,12 +24,12 @@ def run(tmp_path, name, *extra) -> tuple[float, list[dict]]:
 
 
 @pytest.mark.slow
-def test_robust_aggregation_defeats_a_boosted_client(tmp_path):
+def test_default_defences_defeat_a_boosted_client(tmp_path):
     poison = tmp_path / "poison.toml"
     poison.write_text('[attack]\nclients = [2]\nkind = "scale"\nscale = 20.0\n')
     clean, _ = run(tmp_path, "clean")
     attacked, _ = run(tmp_path, "attacked", "--config", str(poison), "--robust-norm-multiple", "0", "--robust-weight-cap", "0")
-    protected, metrics = run(tmp_path, "protected", "--config", str(poison), "--robust-norm-multiple", "1.5", "--robust-mode", "clip")
+    protected, metrics = run(tmp_path, "protected", "--config", str(poison))
     assert attacked < clean - 0.10
     assert abs(protected - clean) <= 0.01
     assert all(m["clipped"] == 1 and m["rejected"] == 0 and m["clients"] == 4 for m in metrics)
