@@ -8,11 +8,11 @@ receives the pairs of every round it has not seen yet, so one that missed rounds
 still rebuilds the right base weights. The head is averaged as in FedAvg.
 
 The history is bounded: once a module's stacked rank passes ``history_rank``, every round
-before the latest is folded into one base pair ``merged.0.<module>...`` by a truncated SVD
-of their summed product, keeping at most ``history_rank // 2`` directions (all of them, and
-so exactly, when the module is no larger than that). A client that receives a base drops
-the history it holds; catch-up never exceeds the base plus one round's stack. What the
-truncation drops shows in that round's ``aggregation_error``.
+before the latest is folded into one base pair ``merged.0.<module>...`` by an SVD of their
+summed product. A module whose smaller side is at most ``history_rank`` keeps every
+direction, so the fold is exact; a larger one keeps the top ``history_rank // 2``. A client
+that receives a base drops the history it holds; catch-up never exceeds the base plus one
+round's stack. What a truncation drops shows in that round's ``aggregation_error``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from fedlora.strategies.base import (
 )
 
 MAX_RANK = 64  # a client-chosen rank; more would only help a client outweigh the others
-HISTORY_RANK = 256
+HISTORY_RANK = 512
 BASE_ROUND = 0  # merged.0.*: the compressed history of every round before the base's first kept round
 
 
@@ -155,7 +155,8 @@ class FLoRA(AdapterStrategy):
         )
         u, sing, vh = torch.linalg.svd(total, full_matrices=False)
         numerical_rank = int((sing > sing[0] * 1e-12).sum()) if float(sing[0]) > 0 else 1
-        k = max(1, min(self.history_rank // 2, numerical_rank))
+        kept = sing.shape[0] if sing.shape[0] <= self.history_rank else self.history_rank // 2  # exact when it fits
+        k = max(1, min(kept, numerical_rank))
         base_b, base_a = u[:, :k].contiguous().to(torch.float32), (sing[:k, None] * vh[:k]).contiguous().to(torch.float32)
         state[f"merged.{BASE_ROUND}.{module}.{ROLE_B}.weight"], state[f"merged.{BASE_ROUND}{suffix}"] = base_b, base_a
         return base_b.to(torch.float64) @ base_a.to(torch.float64) - total

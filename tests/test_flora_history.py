@@ -1,6 +1,7 @@
 """FLoRA's merge history stays bounded: past ``history_rank`` the older rounds fold into
-one base pair, catch-up sends at most the base and one round, a client that receives the
-base ends up with the server's model, and what the fold loses shows in the round's error."""
+one base pair (exactly when the module's smaller side fits in ``history_rank``), catch-up
+sends at most the base and one round, a client that receives the base ends up with the
+server's model, and what a lossy fold drops shows in the round's error."""
 
 import torch
 
@@ -11,13 +12,13 @@ from fedlora.strategies.flora import FLoRA
 A, B = "m.q.lora_A.weight", "m.q.lora_B.weight"
 
 
-def run_rounds(d_in: int, history_rank: int, rounds: int):
+def run_rounds(d_in: int, history_rank: int, rounds: int, d_out: int = 6):
     strategy = FLoRA(LoRASpec(rank=2, alpha=4.0, target_modules=("q",)), history_rank=history_rank)
-    state = strategy.setup({A: torch.zeros(2, d_in), B: torch.zeros(6, 2)})
+    state = strategy.setup({A: torch.zeros(2, d_in), B: torch.zeros(d_out, 2)})
     gen = torch.Generator().manual_seed(0)
     client_held, errors = {}, []
     for rnd in range(1, rounds + 1):
-        updates = [ClientUpdate(k, {A: torch.randn(2, d_in, generator=gen), B: torch.randn(6, 2, generator=gen)}, 10 + k) for k in range(3)]
+        updates = [ClientUpdate(k, {A: torch.randn(2, d_in, generator=gen), B: torch.randn(d_out, 2, generator=gen)}, 10 + k) for k in range(3)]
         # one client that takes part every round: catch-up from the round it last saw
         client_held = strategy.hold(client_held, strategy.catch_up(state, rnd - 2 if rnd > 1 else None))
         result = strategy.aggregate(state, updates, rnd)
@@ -30,12 +31,12 @@ def stacked_rank(state) -> int:
 
 
 def test_history_is_folded_exactly_when_the_module_is_small():
-    strategy, state, _, errors = run_rounds(d_in=3, history_rank=8, rounds=6)  # each round stacks rank 6
-    assert stacked_rank(state) <= 8 // 2 + 6
+    strategy, state, _, errors = run_rounds(d_in=7, history_rank=8, rounds=6)  # each round stacks rank 6
     assert any(n.startswith("merged.0.") for n in state)
-    assert max(errors) < 1e-5  # a 6 x 3 module has rank 3 <= 4: nothing is dropped
+    assert stacked_rank(state) <= 6 + 6  # the base keeps all 6 directions of a 6 x 7 module
+    assert max(errors) < 1e-5  # so nothing is dropped
     # a newcomer's catch-up is bounded by the base plus the latest round
-    assert stacked_rank(strategy.catch_up(state, None)) <= 8 // 2 + 6
+    assert stacked_rank(strategy.catch_up(state, None)) <= 6 + 6
 
 
 def test_a_client_that_receives_the_base_holds_the_servers_history():
@@ -45,6 +46,6 @@ def test_a_client_that_receives_the_base_holds_the_servers_history():
 
 
 def test_a_lossy_fold_is_reported_as_aggregation_error():
-    _, state, _, errors = run_rounds(d_in=20, history_rank=8, rounds=4)
+    _, state, _, errors = run_rounds(d_in=20, history_rank=8, rounds=4, d_out=12)  # both sides above 8: top 4 kept
     assert stacked_rank(state) <= 8 // 2 + 6
     assert errors[0] < 1e-5 and max(errors) > 1e-3  # rounds before any fold are exact; a fold is not
