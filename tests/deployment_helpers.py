@@ -11,6 +11,18 @@ from pathlib import Path
 SMALL = "[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nmax_length = 32\ninit_batches = 1\n"
 
 
+def prepare(tmp_path: Path, keys: int, partitions: int) -> tuple[Path, Path, Path, str]:
+    """``fedlora certs`` for ``keys`` clients, ``partitions`` client data files, the small
+    run config and a free loopback address: (certs, parts, config, address)."""
+    from fedlora.processes import free_loopback_port
+
+    certs, parts, config = tmp_path / "certs", tmp_path / "parts", tmp_path / "small.toml"
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", str(keys)]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", str(partitions)]).returncode == 0
+    config.write_text(SMALL)
+    return certs, parts, config, f"127.0.0.1:{free_loopback_port()}"
+
+
 def fedlora(*args: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fedlora.cli", *args],

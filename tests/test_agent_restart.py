@@ -5,22 +5,15 @@ and the run ends with both clients in its last rounds."""
 
 import json
 import subprocess
-import sys
 
 import pytest
-from deployment_helpers import SMALL, fedlora, kill_group, rounds_logged, stop_all, supernode_pids, wait_until
-
-from fedlora.processes import free_loopback_port
+from deployment_helpers import fedlora, kill_group, prepare, rounds_logged, stop_all, supernode_pids, wait_until
 
 
 @pytest.mark.slow
 def test_a_restarted_agent_trains_against_what_it_was_sent(tmp_path):
-    certs, parts, out = tmp_path / "certs", tmp_path / "parts", tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "2"]).returncode == 0
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "2"]).returncode == 0
-    config = tmp_path / "small.toml"
-    config.write_text(SMALL)
-    address = f"127.0.0.1:{free_loopback_port()}"
+    certs, parts, config, address = prepare(tmp_path, keys=2, partitions=2)
+    out = tmp_path / "run"
 
     def agent(i: int) -> subprocess.Popen:
         client = certs / "clients" / f"client-{i}"

@@ -7,22 +7,17 @@ still held its registration), and a resume without --auth-keys is refused."""
 import json
 import signal
 import subprocess
-import sys
 
 import pytest
-from deployment_helpers import SMALL, fedlora, processes_mentioning, rounds_logged, stop_all, wait_until
+from deployment_helpers import fedlora, prepare, processes_mentioning, rounds_logged, stop_all, wait_until
 
 from fedlora.processes import free_loopback_port, wait_for_port
 
 
 @pytest.mark.slow
 def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
-    certs, parts, out = tmp_path / "certs", tmp_path / "parts", tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "3"]).returncode == 0
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "2"]).returncode == 0
-    config = tmp_path / "small.toml"
-    config.write_text(SMALL)
-    address = f"127.0.0.1:{free_loopback_port()}"
+    certs, parts, config, address = prepare(tmp_path, keys=3, partitions=2)
+    out = tmp_path / "run"
     deployment = ["--address", address, "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys")]
 
     procs: list[subprocess.Popen] = []

@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from deployment_helpers import SMALL, fedlora, kill_group, rounds_logged, stop_all, supernode_pids, wait_until
+from deployment_helpers import fedlora, kill_group, prepare, rounds_logged, stop_all, supernode_pids, wait_until
 
-from fedlora.processes import free_loopback_port, wait_for_port
+from fedlora.processes import wait_for_port
 
 @pytest.mark.slow
 def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
-    certs, stranger_ca, parts, out = tmp_path / "certs", tmp_path / "other-ca", tmp_path / "parts", tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", "4"]).returncode == 0
+    certs, parts, config, address = prepare(tmp_path, keys=4, partitions=3)
+    stranger_ca, out = tmp_path / "other-ca", tmp_path / "run"
     assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(stranger_ca), "--clients", "0"]).returncode == 0
     (certs / "coordinator" / "auth-keys" / "client-4.pub").unlink()  # client 4 has a key pair, but it is not registered
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", "3"]).returncode == 0
-    config = tmp_path / "small.toml"
-    config.write_text(SMALL)
-    address = f"127.0.0.1:{free_loopback_port()}"
 
     procs: list[subprocess.Popen] = []
     try:
