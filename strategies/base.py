@@ -69,18 +69,23 @@ def weighted_mean(tensors: Sequence[torch.Tensor], ws: Sequence[float]) -> torch
     return weighted_mean_f64(tensors, ws).to(torch.float32)
 
 
+def dense_factors(state: Mapping[str, torch.Tensor], module: str, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·B·R, A) in float64 for one adapted module: its dense update is their product."""
+    a = state[f"{module}.{ROLE_A}.weight"].to(torch.float64)
+    left = (alpha / a.shape[0]) * state[f"{module}.{ROLE_B}.weight"].to(torch.float64)
+    r = state.get(f"{module}.{ROLE_R}.weight")
+    if r is not None:
+        left = left @ r.to(torch.float64)
+    return left, a
+
+
 def lora_deltas(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """Per adapted module, the dense update (alpha/r) * B @ (R @) A the state encodes (float64)."""
     modules = sorted({module_of(n) for n in state if role_of(n) == ROLE_A and not n.startswith("merged.")})
     deltas = {}
     for m in modules:
-        a = state[f"{m}.{ROLE_A}.weight"].to(torch.float64)
-        b = state[f"{m}.{ROLE_B}.weight"].to(torch.float64)
-        r = state.get(f"{m}.{ROLE_R}.weight")
-        scaling = alpha / a.shape[0]
-        if r is not None:
-            a = r.to(torch.float64) @ a
-        deltas[m] = scaling * (b @ a)
+        left, right = dense_factors(state, m, alpha)
+        deltas[m] = left @ right
     return deltas
 
 
@@ -212,9 +217,9 @@ class AdapterStrategy(ABC):
         client = {**current, **tensors}
         total = 0.0
         for m in sorted({module_of(n) for n in client if role_of(n) == ROLE_A}):
-            left, right = self._dense_factors(client, m)
+            left, right = dense_factors(client, m, self.spec.alpha)
             if f"{m}.{ROLE_A}.weight" in current:  # minus what the global state already does
-                left_g, right_g = self._dense_factors(current, m)
+                left_g, right_g = dense_factors(current, m, self.spec.alpha)
                 left, right = torch.cat([left, -left_g], 1), torch.cat([right, right_g], 0)
             total += float(torch.sum((left.T @ left) * (right @ right.T)))
         for name, t in tensors.items():
@@ -223,15 +228,6 @@ class AdapterStrategy(ABC):
                 diff = t if ref is None or ref.shape != t.shape else t - ref
                 total += float(torch.sum(diff.to(torch.float64) ** 2))
         return max(total, 0.0) ** 0.5
-
-    def _dense_factors(self, state: State, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s·B·R, A) in float64, so that the module's dense update is their product."""
-        a = state[f"{module}.{ROLE_A}.weight"].to(torch.float64)
-        left = (self.spec.alpha / a.shape[0]) * state[f"{module}.{ROLE_B}.weight"].to(torch.float64)
-        r = state.get(f"{module}.{ROLE_R}.weight")
-        if r is not None:
-            left = left @ r.to(torch.float64)
-        return left, a
 
     def shrink(self, global_state: State, tensors: State, factor: float) -> State:
         """The update moved ``factor`` of the way back to the global state (a clipped update)."""
