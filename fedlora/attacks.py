@@ -23,13 +23,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora import wire
-from fedlora.adapters import ROLE_A, ROLE_B, module_of, role_of
+from fedlora.adapters import ROLE_A, ROLE_B, role_of
 from fedlora.config import RunConfig
-from fedlora.strategies.base import State
+from fedlora.strategies.base import State, lora_deltas
 from fedlora.strategies.fedsb import GRAD_U
 from fedlora.strategies.flower_bridge import RECORD
 
-ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")
 CLAIMED_EXAMPLES = wire.MAX_EXAMPLES  # the most the decoder lets through: the weight cap must stop it
 
 
@@ -39,15 +38,10 @@ def _scaled_change(tensors: State, received: State, scale: float) -> State:
 
 def _rank1(tensors: State, alpha: float, scale: float) -> State:
     out = {n: t for n, t in tensors.items() if role_of(n) not in (ROLE_A, ROLE_B)}
-    for name, a in tensors.items():
-        if role_of(name) != ROLE_A:
-            continue
-        m = module_of(name)
-        b = tensors[f"{m}.{ROLE_B}.weight"]
-        dense = (alpha / a.shape[0]) * b.to(torch.float64) @ a.to(torch.float64)
+    for m, dense in lora_deltas(tensors, alpha).items():
         u, s, vh = torch.linalg.svd(dense, full_matrices=False)
         c = (scale * float(s[0]) / alpha) ** 0.5
-        out[name] = (c * vh[:1]).to(torch.float32)
+        out[f"{m}.{ROLE_A}.weight"] = (c * vh[:1]).to(torch.float32)
         out[f"{m}.{ROLE_B}.weight"] = (c * u[:, :1]).to(torch.float32)
     return out
 

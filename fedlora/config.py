@@ -18,6 +18,8 @@ PARTITIONS = ("iid", "dirichlet")
 POOLINGS = ("pooler", "mean")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 TASKS = ("classify", "causal-lm")
+# simulated hostile clients (fedlora.attacks), named in a config file's [attack] table
+ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")
 # what --task causal-lm changes, for the settings a run leaves at their defaults
 CAUSAL_LM_DEFAULTS: dict[str, Any] = {"target_modules": ("q_proj", "v_proj"), "head_modules": (), "max_length": 256, "lr": 5e-4}
 
@@ -78,7 +80,7 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     # simulation only, from a config file's [attack] table: clients (by partition id) that
-    # attack, how (fedlora.attacks.ATTACKS) and how hard
+    # attack, how (ATTACKS) and how hard
     attack_clients: tuple[int, ...] = ()
     attack_kind: str = "scale"
     attack_scale: float = 20.0
@@ -183,8 +185,6 @@ class RunConfig:
         if self.robust_max_norm <= 0:
             raise UserError(f"robust-max-norm must be > 0, got {self.robust_max_norm}")
         if self.attack_clients:
-            from fedlora.attacks import ATTACKS
-
             if self.attack_kind not in ATTACKS:
                 raise UserError(f"unknown attack kind {self.attack_kind!r}: choose from {', '.join(ATTACKS)}")
             if any(not 0 <= c < self.clients for c in self.attack_clients):

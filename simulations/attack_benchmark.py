@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedlora.attacks import ATTACKS
+from fedlora.config import ATTACKS
 
 STRATEGY_OF = {"flora-rank1": "flora", "init-sketch": "fedsb"}
 SCALE_OF = {"init-sketch": 1e12}  # the sketch entries of 1e17 that the issue measured, from gradients near 1e-5
