@@ -1,0 +1,14 @@
+"""The fixed choices of run settings. Strategy names are not here: their one list is the
+registry in ``fedlora.strategies``, a layer above this one."""
+
+from __future__ import annotations
+
+TASKS = ("classify", "causal-lm")
+PARTITIONS = ("iid", "dirichlet")
+# what a classifier reads: the model's own pooled output (BERT: the [CLS] token through the
+# pooler's dense + tanh), or the mean of the encoder's token states over the attention mask
+POOLINGS = ("pooler", "mean")
+WIRE_DTYPES = ("fp32", "fp16", "bf16")
+ROBUST_MODES = ("clip", "reject")
+# simulated hostile clients (fedlora.flower.attacks), named in a config file's [attack] table
+ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")

@@ -1,0 +1,261 @@
+"""RunConfig: every user setting of a run, each declared once with its metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedlora.config.choices import ATTACKS, PARTITIONS, POOLINGS, ROBUST_MODES, TASKS, WIRE_DTYPES
+from fedlora.config.coerce import coerce
+from fedlora.config.setting import (
+    ATTACK,
+    COORDINATOR,
+    COUNT,
+    DATA,
+    EVALUATION,
+    FEDERATION,
+    MODEL,
+    NON_NEGATIVE,
+    POSITIVE,
+    PRIVACY,
+    ROBUSTNESS,
+    RUN,
+    SHARE,
+    SIMULATE,
+    STRICT_SHARE,
+    TOML_ONLY,
+    TRAINING,
+    UNSET,
+    WIRE,
+    Flag,
+    Setting,
+    bind,
+    setting,
+)
+from fedlora.config.validation import check_deployable, check_settings
+from fedlora.errors import UserError
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A run's settings. The metadata on each field is the one place its flag, help,
+    default, TOML key, bounds and choices are written (fedlora.config.setting)."""
+
+    out: str | None = setting(None, RUN, "output folder", shown="runs/<timestamp>-<strategy>/")
+
+    task: str = setting(
+        "classify", MODEL, "what to train: {choices}; causal-lm tunes a decoder on prompt/response pairs", choices=TASKS
+    )
+    model: str | None = setting(
+        None,
+        MODEL,
+        "local Hugging Face model folder or .gguf file",
+        shown="embedded all-MiniLM-L6-v2; causal-lm embedded SmolLM2-135M-Instruct",
+    )
+    rank: int = setting(8, MODEL, "LoRA rank", range=COUNT)
+    ranks: tuple[int, ...] = setting(
+        (),
+        MODEL,
+        "FLoRA: comma-separated rank per client (by partition id, cycled), e.g. 16,8,8,4",
+        range=COUNT,
+        shown="--rank for every client",
+    )
+    lora_alpha: float = setting(16.0, MODEL, "LoRA scaling numerator", range=POSITIVE)
+    target_modules: tuple[str, ...] = setting(
+        ("query", "value"),
+        MODEL,
+        "comma-separated module names to adapt: nn.Linear leaf names or dotted suffixes",
+        causal_lm=("q_proj", "v_proj"),
+        nonempty="module",
+    )
+    # BERT's pooler is trained in full by default: sentence-embedding checkpoints such as
+    # all-MiniLM-L6-v2 never trained it; frozen, it holds accuracy near 0.88, and a LoRA
+    # adapter on it learns too slowly for the 5-round default.
+    head_modules: tuple[str, ...] = setting(
+        ("classifier", "score", "pooler"),
+        MODEL,
+        "comma-separated modules trained in full and shared",
+        causal_lm=(),
+    )
+    # all-MiniLM-L6-v2 was trained with mean pooling; DP runs learn with it
+    pooling: str = setting(
+        "pooler",
+        MODEL,
+        "classify: what the classifier reads, {choices}: the model's pooled output or the masked mean of the token states",
+        choices=POOLINGS,
+    )
+
+    data: str | None = setting(
+        None,
+        DATA,
+        "JSONL, CSV, TSV, Parquet file or datasets folder",
+        shown="embedded BBC News; causal-lm needs --data",
+    )
+    text_column: str = setting("text", DATA, "text column in --data")
+    label_column: str = setting("label", DATA, "label column in --data")
+    prompt_column: str = setting("", DATA, "causal-lm: prompt column", shown="first of instruction, prompt, question")
+    response_column: str = setting(
+        "", DATA, "causal-lm: response column", shown="first of response, output, answer, completion"
+    )
+    eval_data: str | None = setting(None, DATA, "held-out file for central evaluation", shown="a split of --data")
+    test_fraction: float = setting(0.2, DATA, "share held out for evaluation", range=STRICT_SHARE)
+
+    # names come from the registry in fedlora.strategies, which sits above this layer
+    strategy: str = setting("fedavg", FEDERATION, "aggregation strategy: {choices}")
+    clients: int = setting(
+        4,
+        FEDERATION,
+        "number of clients",
+        range=COUNT,
+        flags=(Flag(SIMULATE, "--clients"), Flag(COORDINATOR, "--min-clients", "clients to wait for before round 1")),
+    )
+    rounds: int = setting(5, FEDERATION, "federated rounds", range=COUNT)
+    fraction: float = setting(1.0, FEDERATION, "share of clients sampled per round", range=SHARE)
+    partition: str = setting(
+        "dirichlet", FEDERATION, "how training examples are split among clients: {choices}", choices=PARTITIONS
+    )
+    alpha: float = setting(1.0, FEDERATION, "Dirichlet concentration; smaller is more skewed", range=POSITIVE)
+    init_batches: int = setting(
+        4, FEDERATION, "Fed-SB: batches per client for the initialisation gradient", range=COUNT
+    )
+    seed: int = setting(0, FEDERATION, "random seed")
+
+    local_steps: int = setting(8, TRAINING, "optimizer steps per client per round", range=COUNT)
+    batch_size: int = setting(16, TRAINING, "local batch size", range=COUNT)
+    lr: float = setting(3e-3, TRAINING, "local learning rate", range=POSITIVE, causal_lm=5e-4)
+    max_length: int = setting(64, TRAINING, "tokens per example", range=COUNT, causal_lm=256)
+
+    eval_batch_size: int = setting(64, EVALUATION, "examples per evaluation batch", range=COUNT, flags=TOML_ONLY)
+    eval_max_examples: int = setting(
+        0,
+        EVALUATION,
+        "cap the held-out split at a seeded slice of this many examples",
+        range=NON_NEGATIVE,
+        zero="all",
+    )
+    round_eval_examples: int = setting(
+        96,
+        EVALUATION,
+        "rounds before the last evaluate a seeded slice of this many held-out examples; the final accuracy is on the whole split",
+        range=NON_NEGATIVE,
+        zero="every round on the whole split",
+    )
+    max_new_tokens: int = setting(
+        256, EVALUATION, "causal-lm: tokens generated per answer in the final evaluation", range=COUNT
+    )
+    generation_eval_examples: int = setting(
+        50,
+        EVALUATION,
+        "causal-lm: held-out prompts answered in the final evaluation",
+        range=NON_NEGATIVE,
+        zero="all",
+    )
+
+    dp_epsilon: float | None = setting(
+        None,
+        PRIVACY,
+        "train every client under sample-level DP with this total budget",
+        range=POSITIVE,
+        shown="off",
+    )
+    dp_delta: float = setting(1e-5, PRIVACY, "DP delta", range=STRICT_SHARE)
+    dp_clip: float = setting(1.0, PRIVACY, "per-sample gradient clipping norm", range=POSITIVE)
+
+    wire_dtype: str = setting("fp32", WIRE, "dtype of adapter tensors on the wire: {choices}", choices=WIRE_DTYPES)
+    init_dtype: str = setting(
+        "",
+        WIRE,
+        "dtype of what is sent once, Fed-SB's initialisation and the frozen A (and B) of FFA-LoRA and Fed-SB: {choices}",
+        choices=WIRE_DTYPES,
+        shown="--wire-dtype",
+    )
+
+    # An update whose effect norm exceeds multiple x the round's median (or the last known
+    # median, or robust_max_norm when there is none) is clipped or rejected (README: Robustness).
+    robust_norm_multiple: float = setting(
+        3.0,
+        ROBUSTNESS,
+        "clip or reject updates whose effect norm exceeds this multiple of the round's median",
+        range=NON_NEGATIVE,
+        zero="off",
+    )
+    robust_mode: str = setting(
+        "clip", ROBUSTNESS, "what happens to an update over the bound: {choices}", choices=ROBUST_MODES
+    )
+    robust_max_norm: float = setting(
+        20.0, ROBUSTNESS, "the effect-norm bound while no round has had a median", range=POSITIVE
+    )
+    robust_weight_cap: float = setting(
+        2.0,
+        ROBUSTNESS,
+        "cap a client's claimed data size at this multiple of the round's median claim",
+        range=NON_NEGATIVE,
+        zero="off",
+    )
+    max_update_mb: int = setting(64, ROBUSTNESS, "reject client payloads larger than this many MB, unread", range=COUNT)
+
+    attack_clients: tuple[int, ...] = setting(
+        (),
+        ATTACK,
+        "clients (by partition id) that attack",
+        flags=TOML_ONLY,
+        table_key="clients",
+        simulation_only=True,
+    )
+    attack_kind: str = setting(
+        "scale",
+        ATTACK,
+        "how they attack",
+        choices=ATTACKS,
+        flags=TOML_ONLY,
+        table_key="kind",
+        simulation_only=True,
+    )
+    attack_scale: float = setting(20.0, ATTACK, "how hard", flags=TOML_ONLY, table_key="scale", simulation_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s.name: list(v) if isinstance(v := getattr(self, s.name), tuple) else v for s in SCHEMA}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        cfg = cls()
+        cfg.update({k: v for k, v in values.items() if k not in RETIRED_KEYS})
+        return cfg
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """Set settings from a mapping; unknown keys and wrong types are user errors. Under
+        --task causal-lm the settings never given take their causal-lm defaults."""
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in BY_NAME:
+                raise UserError(f"unknown config key {key!r}")
+            self._explicit.add(key)
+            setattr(self, key, coerce(BY_NAME[key], key, value))
+        if self.task == "causal-lm":
+            for key, default in CAUSAL_LM_DEFAULTS.items():
+                if key not in self._explicit:
+                    setattr(self, key, default)
+
+    @property
+    def _explicit(self) -> set[str]:
+        """The settings given by a file, a flag or a saved config; the rest follow the task."""
+        if "_explicit_keys" not in self.__dict__:
+            self.__dict__["_explicit_keys"] = set()
+        return self.__dict__["_explicit_keys"]
+
+    def validate(self, command: str | None = None) -> None:
+        """Raise UserError for a setting out of bounds; errors name ``command``'s flags."""
+        check_settings(self, SCHEMA, command)
+
+    def check_deployable(self) -> None:
+        """A coordinator has real clients: raise UserError for the simulated-attack settings."""
+        check_deployable(self, SCHEMA)
+
+
+SCHEMA: tuple[Setting, ...] = bind(RunConfig)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}
+# what --task causal-lm changes, for the settings a run leaves at their defaults
+CAUSAL_LM_DEFAULTS: dict[str, Any] = {s.name: s.causal_lm for s in SCHEMA if s.causal_lm is not UNSET}
+# runtime facts that configs saved before they left RunConfig still carry
+RETIRED_KEYS = frozenset({"labels"})
