@@ -34,7 +34,7 @@ from fedlora.strategies import make_strategy
 from fedlora.strategies.base import AdapterStrategy, State, held_digest
 from fedlora.strategies.flower_bridge import HELD_DIGEST, PHASE_INIT, RECORD, RESYNC
 from fedlora.task import adapted_model, load_splits, load_task_data, lora_spec, tokenizer_for
-from fedlora.training import LocalData, full_weight_gradients, train_local
+from fedlora.ml.training import LocalData, train_local, weight_gradients
 
 app = ClientApp()
 log = logging.getLogger("fedlora")
@@ -289,12 +289,10 @@ def _train(msg: Message, context: Context, deployed: bool) -> Message:
         reset_adapters(net)  # no adapter effect: the gradient is the base model's
         strategy.materialize(net, state)
         kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": setup.device}
-        if dp is None:
-            grads = full_weight_gradients(net, tokenizer, local, batches=cfg.init_batches, seed=seed, **kw)
-        else:
-            grads, history = privacy.private_gradients(
-                net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, seed=dp_seed, **kw
-            )
+        grads, history = weight_gradients(
+            net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, seed=seed if dp is None else dp_seed, **kw
+        )
+        if dp is not None:
             save(history)
         header["wire_dtype"] = str(record.get("init_dtype", wire_dtype))
         blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **header)
@@ -304,10 +302,8 @@ def _train(msg: Message, context: Context, deployed: bool) -> Message:
     set_trainable(net, strategy.trained_roles)
     kw = {"steps": cfg.local_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length}
     kw["device"] = setup.device
-    if dp is None:
-        stats = train_local(net, tokenizer, local, seed=seed, **kw)
-    else:
-        stats, history = privacy.private_train(net, tokenizer, local, dp=dp, history=history, seed=dp_seed, **kw)
+    stats, history = train_local(net, tokenizer, local, dp=dp, history=history, seed=seed if dp is None else dp_seed, **kw)
+    if dp is not None:
         save(history)
     update = adapter_state(net, strategy.sent_roles)
     blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)

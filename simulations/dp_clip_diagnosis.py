@@ -24,10 +24,10 @@ from strategy_benchmark import COMMON, SHARED_SST2, sst2_files  # noqa: E402
 
 def client_setup(data: dict):
     """(model with fresh trainable adapters, tokenizer, client 0's data, 300 dev sentences)."""
-    from fedlora.adapters import set_trainable
+    from fedlora.ml.adapters import set_trainable
     from fedlora.config import RunConfig
     from fedlora.strategies import make_strategy
-    from fedlora.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
+    from fedlora.ml.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
 
     cfg = RunConfig()
     cfg.update({**COMMON, **data, "max_length": 32})
@@ -73,7 +73,7 @@ def classifier_input_geometry(data: dict, n: int = 256) -> str:
     (the pooling the default model was trained with)."""
     import torch
 
-    from fedlora.models import MaskedMeanPooler
+    from fedlora.ml.models import MaskedMeanPooler
 
     net, tok, local, _ = client_setup(data)
     inputs, labels = local.batch(tok, list(range(min(n, len(local)))), 32)
@@ -95,8 +95,8 @@ def classifier_input_geometry(data: dict, n: int = 256) -> str:
 def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) -> tuple[list[str], float]:
     """Train in chunks and score after each. ``epsilon`` adds the noise that the DP plan
     of a client with this budget over all the chunks' steps would use."""
-    from fedlora import privacy
-    from fedlora.training import evaluate, train_local
+    from fedlora.ml import privacy
+    from fedlora.ml.training import evaluate, train_local
 
     net, tok, local, dev = client_setup(data)
     if epsilon is None:
@@ -106,7 +106,7 @@ def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) 
     out = []
     for chunk in range(args.chunks):
         kw = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": 32, "seed": chunk}
-        stats = train_local(net, tok, local, **kw) if mode == "plain" else privacy.private_train(net, tok, local, dp=dp, history=[], **kw)[0]
+        stats, _ = train_local(net, tok, local, dp=None if mode == "plain" else dp, **kw)
         accuracy, _ = evaluate(net, tok, dev, batch_size=64, max_length=32)
         out.append(f"{stats.loss:.3f} / {accuracy:.3f}")
     return out, dp.noise_multiplier

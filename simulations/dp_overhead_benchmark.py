@@ -27,11 +27,11 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict:
     import psutil
     import torch
 
-    from fedlora.adapters import set_trainable
+    from fedlora.ml.adapters import set_trainable
     from fedlora.config import RunConfig
-    from fedlora.privacy import plan, private_train
-    from fedlora.task import adapted_model, load_splits, lora_spec, tokenizer_for
-    from fedlora.training import train_local
+    from fedlora.ml.privacy import plan
+    from fedlora.ml.task import adapted_model, load_splits, lora_spec, tokenizer_for
+    from fedlora.ml.training import train_local
 
     proc = psutil.Process()
     cfg = RunConfig()
@@ -43,7 +43,10 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict:
     set_trainable(net, ["lora_A", "lora_B", "head"])
     kw = {"steps": 2, "batch_size": batch_size, "lr": 1e-3, "max_length": max_length, "seed": 0}
     dp = plan(8.0, 1e-5, 1.0, len(data), batch_size, planned_steps=10 * steps)
-    run = (lambda **k: train_local(net, tok, data, **k)) if mode == "plain" else (lambda **k: private_train(net, tok, data, dp=dp, history=[], **k)[0])
+
+    def run(**k):
+        return train_local(net, tok, data, dp=None if mode == "plain" else dp, **k)[0]
+
     run(**kw)  # warm-up: allocator, kernels, tokenizer
     base = proc.memory_info().rss
     peak = [base]

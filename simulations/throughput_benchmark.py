@@ -26,7 +26,7 @@ from child_runs import add_loop_options, run_child
 
 def client_data():
     from fedlora.config import RunConfig
-    from fedlora.task import load_splits
+    from fedlora.ml.task import load_splits
 
     cfg = RunConfig()
     splits = load_splits(cfg)
@@ -34,11 +34,11 @@ def client_data():
 
 
 def run_fedlora(steps: int, batch_size: int, max_length: int) -> float:
-    from fedlora import wire
-    from fedlora.adapters import adapter_state, set_trainable
+    from fedlora.io import wire
+    from fedlora.ml.adapters import adapter_state, set_trainable
     from fedlora.strategies import make_strategy
-    from fedlora.task import adapted_model, initial_adapter_state, lora_spec, tokenizer_for
-    from fedlora.training import train_local
+    from fedlora.ml.task import adapted_model, initial_adapter_state, lora_spec, tokenizer_for
+    from fedlora.ml.training import train_local
 
     cfg, splits, data = client_data()
     strategy = make_strategy("fedavg", lora_spec(cfg))
@@ -48,7 +48,7 @@ def run_fedlora(steps: int, batch_size: int, max_length: int) -> float:
     start = time.perf_counter()
     strategy.prepare_client_model(net, state, 0)
     set_trainable(net, strategy.trained_roles)
-    stats = train_local(net, tokenizer, data, steps=steps, batch_size=batch_size, lr=cfg.lr, max_length=max_length, seed=0)
+    stats, _ = train_local(net, tokenizer, data, steps=steps, batch_size=batch_size, lr=cfg.lr, max_length=max_length, seed=0)
     blob = wire.encode_update(adapter_state(net, strategy.sent_roles), strategy="fedavg", round_num=1, num_examples=len(data))
     seconds = time.perf_counter() - start
     assert len(blob) > 0
@@ -61,8 +61,8 @@ def run_peft(steps: int, batch_size: int, max_length: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedlora.models import resolve_model_path
-    from fedlora.training import batch_order
+    from fedlora.ml.models import resolve_model_path
+    from fedlora.ml.training import batch_order
 
     cfg, splits, data = client_data()
     path = resolve_model_path(None)

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora import privacy
-from fedlora.adapters import LoRASpec, adapter_state, inject_lora, set_trainable
-from fedlora.data import TextDataset
+from fedlora.ml import privacy
+from fedlora.ml.adapters import LoRASpec, adapter_state, inject_lora, set_trainable
+from fedlora.ml.data import TextDataset
+from fedlora.ml.training import train_local
 
 
 def test_budget_is_never_exceeded_and_the_extra_round_is_declined():
@@ -18,7 +19,7 @@ def test_budget_is_never_exceeded_and_the_extra_round_is_declined():
         assert not privacy.would_exceed(history, dp, 8)
         history = privacy.with_steps(history, dp, 8)
         epsilons.append(privacy.epsilon_of(history, dp.delta))
-    assert all(a < b for a, b in zip(epsilons, epsilons[1:]))
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
     assert epsilons[-1] <= 3.0 and epsilons[-1] > 2.5  # the plan spends (almost) all of it
     assert privacy.would_exceed(history, dp, 8)  # a sixth round would go over: declined
 
@@ -50,7 +51,7 @@ def test_a_dp_step_really_changes_the_adapter(tiny_bert):
     data = TextDataset([f"word{i} other{i % 3} thing" for i in range(40)], [i % 3 for i in range(40)], ["a", "b", "c"])
     dp = privacy.plan(8.0, 1e-5, 1.0, len(data), 8, planned_steps=10)
     before = adapter_state(tiny_bert)
-    stats, history = privacy.private_train(
+    stats, history = train_local(
         tiny_bert, TinyTokenizer(), data, dp=dp, history=[], steps=3, batch_size=8, lr=1e-2, max_length=8, seed=0
     )
     after = adapter_state(tiny_bert)
@@ -69,7 +70,7 @@ def _dp_trained(seed: int, examples: int, batch_size: int, steps: int) -> tuple[
     set_trainable(net, ["lora_A", "lora_B", "head"])
     data = TextDataset([f"word{i} other{i % 3} thing" for i in range(examples)], [i % 3 for i in range(examples)], ["a", "b", "c"])
     dp = privacy.plan(8.0, 1e-5, 1.0, len(data), batch_size, planned_steps=steps)
-    stats, history = privacy.private_train(
+    stats, history = train_local(
         net, TinyTokenizer(), data, dp=dp, history=[], steps=steps, batch_size=batch_size, lr=1e-2, max_length=8, seed=seed
     )
     return adapter_state(net), history, stats.examples
@@ -95,10 +96,9 @@ def test_dp_batches_and_noise_are_reproducible_from_the_seed():
 
 
 def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
+    from conftest import make_tiny_bert
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-
-    from conftest import make_tiny_bert
 
     # no dropout, so that the batch and the one-at-a-time passes see the same network
     # (training mode stays on: Opacus's hooks record activations only in training mode)
@@ -119,7 +119,7 @@ def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
     optimizer.zero_grad()
     F.cross_entropy(model(**tiny_inputs).logits, labels).backward()
     optimizer.pre_step()
-    model._close()
+    model.to_standard_module()
     private = [p.grad.detach().clone() for p in params]
 
     # reference: one example at a time, clip its whole gradient to `clip`, average over the batch
@@ -130,7 +130,7 @@ def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         assert float(norm) > clip  # every example is actually clipped
-        for r, g in zip(reference, grads):
+        for r, g in zip(reference, grads, strict=True):
             r += g * min(1.0, clip / (float(norm) + 1e-6)) / 4
-    for got, r in zip(private, reference):
+    for got, r in zip(private, reference, strict=True):
         torch.testing.assert_close(got, r, rtol=1e-4, atol=1e-7)
