@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 SCHEMAS = {"fedlora/v1/update.proto": "update_pb2.py"}
-TARGET = ROOT.parent / "fedlora" / "schema"
+TARGET = ROOT.parent / "fedlora" / "io" / "schema"
 
 
 def generate(out_dir: Path) -> list[Path]:

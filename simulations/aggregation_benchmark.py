@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fedlora.adapters import LoRASpec
+from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import ClientUpdate
 

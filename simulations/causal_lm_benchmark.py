@@ -46,9 +46,9 @@ def gsm8k_slices(gsm8k: Path, tmp: Path, train_n: int, test_n: int, seed: int) -
 def base_scores(test: Path, args) -> dict:
     """The untuned model on the held-out slice, with the same evaluation code as a run's final one."""
     from fedlora.config import RunConfig
-    from fedlora.global_eval import evaluate_global_model, evaluation_device
-    from fedlora.instructions import load_instruction_file
-    from fedlora.models import load_causal_lm, load_tokenizer
+    from fedlora.ml.evaluation import evaluate_global_model, evaluation_device
+    from fedlora.ml.instructions import load_instruction_file
+    from fedlora.ml.models import load_causal_lm, load_tokenizer
 
     cfg = RunConfig()
     cfg.update({"task": "causal-lm", "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
@@ -84,8 +84,8 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
     """A coordinator and one agent per client over loopback; each agent's file is the
     client's share of ``train`` that ``simulated`` gives it (``fedlora partition``'s split)."""
     from fedlora.config import RunConfig
-    from fedlora.processes import free_loopback_port, stop
-    from fedlora.task import write_partitions
+    from fedlora.deploy.processes import free_loopback_port, stop
+    from fedlora.ml.task import write_partitions
 
     cfg = RunConfig()
     cfg.update({"task": "causal-lm", "data": str(train), "eval_data": str(test), "partition": "iid", "clients": args.clients})

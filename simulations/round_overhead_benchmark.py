@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.io.checkpoint import load_checkpoint, save_checkpoint
 
 
 def checkpoint_seconds(run_dir: Path, repeats: int = 5) -> float:

@@ -14,7 +14,7 @@ SMALL = "[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nmax
 def prepare(tmp_path: Path, keys: int, partitions: int) -> tuple[Path, Path, Path, str]:
     """``fedlora certs`` for ``keys`` clients, ``partitions`` client data files, the small
     run config and a free loopback address: (certs, parts, config, address)."""
-    from fedlora.processes import free_loopback_port
+    from fedlora.deploy.processes import free_loopback_port
 
     certs, parts, config = tmp_path / "certs", tmp_path / "parts", tmp_path / "small.toml"
     assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", str(keys)]).returncode == 0

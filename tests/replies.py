@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedlora.strategies.flower_bridge import RECORD
+from fedlora.flower.messages import RECORD
 
 
 class FakeReply:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedlora.adapters import (
+from fedlora.ml.adapters import (
     LoRALinear,
     LoRASpec,
     adapter_state,

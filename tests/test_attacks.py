@@ -1,5 +1,5 @@
 """One hostile client against the coordinator's bridge, for every simulated attack kind
-(fedlora.attacks), with the default defences; each attack also runs undefended to show
+(fedlora.flower.attacks), with the default defences; each attack also runs undefended to show
 that the assertion can fail. Then the decoder and reply-handling cases that used to crash
 or fool the coordinator."""
 
@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedlora import wire
-from fedlora.adapters import LoRASpec
-from fedlora.attacks import attacked_payload
+from fedlora.io import wire
+from fedlora.ml.adapters import LoRASpec
+from fedlora.flower.attacks import attacked_payload
 from fedlora.config import RunConfig
-from fedlora.schema import update_pb2 as pb
+from fedlora.io.schema import update_pb2 as pb
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import merged_deltas
 from fedlora.strategies.fedsb import GRAD_V
-from fedlora.strategies.flower_bridge import FlowerStrategy
+from fedlora.flower.bridge import FlowerStrategy
 from replies import FakeReply
 
 SPEC = LoRASpec(rank=2, alpha=4.0, target_modules=("q",))

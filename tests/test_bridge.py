@@ -6,10 +6,11 @@ from types import SimpleNamespace
 
 import torch
 
-from fedlora import wire
-from fedlora.adapters import LoRASpec
+from fedlora.io import wire
+from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies import make_strategy
-from fedlora.strategies.flower_bridge import RECORD, FlowerStrategy
+from fedlora.flower.bridge import FlowerStrategy
+from fedlora.flower.messages import RECORD
 from replies import FakeReply
 
 SPEC = LoRASpec(rank=2, alpha=4.0, target_modules=("q",))
@@ -115,7 +116,7 @@ def test_fedsb_one_off_tensors_travel_in_the_init_dtype_and_aggregation_stays_ex
     receive, so the weighted mean of R is still the exact global update."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.schema import update_pb2 as pb
+    from fedlora.io.schema import update_pb2 as pb
 
     for field in ("_run_id", "_node_id", "_task_id"):  # Flower builds Messages inside a run
         monkeypatch.setattr(TaskIdentity, field, 1)

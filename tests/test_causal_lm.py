@@ -11,8 +11,8 @@ import torch
 from causal_helpers import arithmetic_rows, make_tiny_llama, write_jsonl
 from fedlora.cli import main
 from fedlora.errors import UserError
-from fedlora.instructions import IGNORE, InstructionDataset, encode_pair, final_number, load_instruction_file
-from fedlora.lm_eval import exact_match
+from fedlora.ml.instructions import IGNORE, InstructionDataset, encode_pair, final_number, load_instruction_file
+from fedlora.ml.generation import exact_match
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(llama):
-    from fedlora.models import load_tokenizer
+    from fedlora.ml.models import load_tokenizer
 
     return load_tokenizer(str(llama), "causal-lm")
 
@@ -64,7 +64,7 @@ def test_only_response_tokens_and_the_end_token_are_trained(tokenizer):
 
 
 def test_loss_is_a_mean_per_sample_then_over_the_batch(llama, tokenizer):
-    from fedlora.models import load_causal_lm
+    from fedlora.ml.models import load_causal_lm
 
     model = load_causal_lm(str(llama))
     data = InstructionDataset(["What is 1 plus 1?", "What is 10 plus 20?"], ["1 + 1 = 2", "10 + 20 = 30 and that is a longer answer"])
@@ -122,8 +122,8 @@ def test_every_strategy_tunes_a_decoder(tmp_path, llama, data_files, strategy):
 def test_exported_decoder_adapter_loads_in_peft_with_the_same_logits(tmp_path, llama, data_files, tokenizer, capsys):
     from peft import PeftModel
 
-    from fedlora.models import load_causal_lm
-    from fedlora.runs import load_run
+    from fedlora.ml.models import load_causal_lm
+    from fedlora.io.runs import load_run
 
     out, _, summary = simulate(tmp_path, llama, data_files, "--strategy", "fedsb")
     capsys.readouterr()

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from deployment_helpers import fedlora, prepare, processes_mentioning, rounds_logged, stop_all, wait_until
 
-from fedlora.processes import free_loopback_port, wait_for_port
+from fedlora.deploy.processes import free_loopback_port, wait_for_port
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fedlora.data import load_bbc_news, load_text_file, partition_indices, stratified_split
+from fedlora.ml.data import load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
 
 

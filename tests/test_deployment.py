@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 from deployment_helpers import fedlora, kill_group, prepare, rounds_logged, stop_all, supernode_pids, wait_until
 
-from fedlora.processes import wait_for_port
+from fedlora.deploy.processes import wait_for_port
 
 @pytest.mark.slow
 def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):

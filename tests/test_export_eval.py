@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.runs import load_run
+from fedlora.io.runs import load_run
 
 TEXTS = ["The central bank raised interest rates again.", "The striker scored twice in the final.", "A new phone chip was unveiled."]
 
@@ -25,7 +25,7 @@ def run_dir(request, tmp_path_factory):
 
 
 def logits(model, run):
-    from fedlora.models import load_tokenizer
+    from fedlora.ml.models import load_tokenizer
 
     batch = load_tokenizer(run.cfg.model)(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -35,7 +35,7 @@ def logits(model, run):
 def test_peft_export_gives_fedloras_logits(run_dir, tmp_path):
     from peft import PeftModel
 
-    from fedlora.models import load_classifier
+    from fedlora.ml.models import load_classifier
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
     run = load_run(run_dir)

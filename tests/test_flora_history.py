@@ -5,7 +5,7 @@ server's model, and what a lossy fold drops shows in the round's error."""
 
 import torch
 
-from fedlora.adapters import LoRASpec
+from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies.base import ClientUpdate, merged_deltas
 from fedlora.strategies.flora import FLoRA
 

@@ -1,4 +1,4 @@
-"""fedlora.guard: when the process that started it dies, even by SIGKILL, everything the
+"""fedlora.deploy.guard: when the process that started it dies, even by SIGKILL, everything the
 guarded command started goes too."""
 
 import os
@@ -9,7 +9,7 @@ import time
 
 PARENT = """
 import subprocess, sys, time
-guard = subprocess.Popen([sys.executable, "-m", "fedlora.guard", "sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
+guard = subprocess.Popen([sys.executable, "-m", "fedlora.deploy.guard", "sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
 print(guard.pid, flush=True)
 time.sleep(300)
 """
@@ -78,7 +78,7 @@ def test_leftovers_that_watch_the_command_stop_by_themselves_without_a_second_si
     """Flower's executors stop themselves (SIGINT) when their parent goes; a SIGTERM from the
     guard on top of that raced their shutdown into a KeyboardInterrupt traceback in CI."""
     log = tmp_path / "watcher.log"
-    guard = subprocess.run([sys.executable, "-m", "fedlora.guard", sys.executable, "-c", LEAVES_A_WATCHER, str(log)], timeout=60)
+    guard = subprocess.run([sys.executable, "-m", "fedlora.deploy.guard", sys.executable, "-c", LEAVES_A_WATCHER, str(log)], timeout=60)
     assert guard.returncode == 3  # the command's own status
     assert log.read_text().splitlines() == ["parent gone"]
 
@@ -89,7 +89,7 @@ WAITS_WITH_A_WATCHER = LEAVES_A_WATCHER.replace("sys.exit(3)", 'print("started",
 def test_a_signalled_guard_stops_the_command_first_and_its_leftovers_stop_by_themselves(tmp_path):
     log = tmp_path / "watcher.log"
     guard = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.guard", sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
+        [sys.executable, "-m", "fedlora.deploy.guard", sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
         stdout=subprocess.PIPE, text=True,
     )
     try:

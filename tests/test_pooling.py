@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from fedlora.adapters import LoRASpec, load_adapter_state
+from fedlora.ml.adapters import LoRASpec, load_adapter_state
 from fedlora.cli import main
-from fedlora.models import MaskedMeanPooler, load_tokenizer
-from fedlora.task import adapted_model, initial_adapter_state
+from fedlora.ml.models import MaskedMeanPooler, load_tokenizer
+from fedlora.ml.task import adapted_model, initial_adapter_state
 
 SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modules=("classifier",))
 TEXTS = ["Rates rose again.", "The striker scored twice in the final and the crowd sang for an hour afterwards."]
@@ -79,7 +79,7 @@ def test_a_model_without_a_pooler_to_replace_is_a_clear_error(tmp_path):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     from fedlora.errors import UserError
-    from fedlora.models import load_classifier
+    from fedlora.ml.models import load_classifier
 
     config = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))

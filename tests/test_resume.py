@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlora.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.io.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.errors import UserError
 
 SMALL = ["--clients", "2", "--rounds", "3", "--local-steps", "2", "--max-length", "32", "--strategy", "flora", "--ranks", "4,2"]

@@ -3,7 +3,7 @@ that never fails open, clipping that keeps an update's direction."""
 
 import torch
 
-from fedlora.adapters import LoRASpec
+from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import ClientUpdate
 from fedlora.strategies.robust import NormScreen, cap_weights

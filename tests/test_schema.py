@@ -11,5 +11,5 @@ def test_generated_code_is_fresh(tmp_path):
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     for fresh in generate.generate(tmp_path):
-        checked_in = ROOT / "fedlora" / "schema" / fresh.name
+        checked_in = ROOT / "fedlora" / "io" / "schema" / fresh.name
         assert checked_in.read_bytes() == fresh.read_bytes(), f"{checked_in} is stale: run python proto/generate.py"

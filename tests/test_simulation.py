@@ -61,10 +61,10 @@ def test_final_accuracy_is_the_exported_adapter_on_the_whole_held_out_split(run_
     from peft import PeftModel
 
     from fedlora.config import RunConfig
-    from fedlora.models import load_classifier, load_tokenizer
-    from fedlora.task import load_splits
-    from fedlora.training import evaluate
-    from fedlora.global_eval import seeded_slice
+    from fedlora.ml.models import load_classifier, load_tokenizer
+    from fedlora.ml.task import load_splits
+    from fedlora.ml.training import evaluate
+    from fedlora.ml.evaluation import seeded_slice
 
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     held_out = seeded_slice(load_splits(cfg).test, 40, cfg.seed)
@@ -79,11 +79,11 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(run_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from fedlora.adapters import load_adapter_state
+    from fedlora.ml.adapters import load_adapter_state
     from fedlora.config import RunConfig
-    from fedlora.export import PEFT_PREFIX
-    from fedlora.models import load_classifier, load_tokenizer
-    from fedlora.task import adapted_model, lora_spec
+    from fedlora.io.export import PEFT_PREFIX
+    from fedlora.ml.models import load_classifier, load_tokenizer
+    from fedlora.ml.task import adapted_model, lora_spec
 
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))

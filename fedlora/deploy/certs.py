@@ -72,58 +72,61 @@ def write_certificates(out: str | Path, host: str, clients: int, overwrite: bool
     if not host or any(c.isspace() for c in host):
         raise UserError(f"not a host name or address: {host!r}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} is not empty (it may hold keys); choose an empty folder or pass --overwrite")
-        for name in LAYOUT:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
+    _clear_for_writing(out, overwrite)
     ca_dir, coord_dir, clients_dir = (_private_dir(out / name) for name in LAYOUT)
     _private_dir(coord_dir / "auth-keys")
     now = datetime.datetime.now(datetime.timezone.utc)
     until = now + datetime.timedelta(days=VALID_DAYS)
-
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("fedlora test CA"))
-        .issuer_name(_name("fedlora test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_name = _name("fedlora test CA")
+    ca_cert = _certificate(ca_name, ca_name, ca_key.public_key(), ca_key, now, until, [], ca=True)
     server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(host))
-        .issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(_san(host), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    server_cert = _certificate(_name(host), ca_name, server_key.public_key(), ca_key, now, until, [_san(host)], ca=False)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     _write(ca_dir / "ca.crt", ca_pem)
     _write(ca_dir / "ca.key", _pem_key(ca_key), private=True)
     _write(coord_dir / "ca.crt", ca_pem)
     _write(coord_dir / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM))
     _write(coord_dir / "server.key", _pem_key(server_key), private=True)
-
     for i in range(1, clients + 1):
-        key = ec.generate_private_key(ec.SECP384R1())  # Flower takes ECDSA keys on NIST curves
-        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        client_dir = _private_dir(clients_dir / f"client-{i}")
-        _write(client_dir / "ca.crt", ca_pem)
-        _write(client_dir / "client.key", private, private=True)
-        _write(coord_dir / "auth-keys" / f"client-{i}.pub", public + b"\n")
+        _write_client_key(i, clients_dir, coord_dir / "auth-keys", ca_pem)
     return out
+
+
+def _clear_for_writing(out: Path, overwrite: bool) -> None:
+    """An empty folder, or (``overwrite``) one whose earlier certificates and keys are removed."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty (it may hold keys); choose an empty folder or pass --overwrite")
+        for name in LAYOUT:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+
+
+def _certificate(subject, issuer, public_key, signing_key, now, until, extensions: list, *, ca: bool) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    constraints = x509.BasicConstraints(ca=True, path_length=0) if ca else x509.BasicConstraints(ca=False, path_length=None)
+    return builder.add_extension(constraints, critical=True).sign(signing_key, hashes.SHA256())
+
+
+def _write_client_key(i: int, clients_dir: Path, auth_keys: Path, ca_pem: bytes) -> None:
+    """client-i's folder (the CA and its private key) and its public key for the coordinator."""
+    key = ec.generate_private_key(ec.SECP384R1())  # Flower takes ECDSA keys on NIST curves
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    client_dir = _private_dir(clients_dir / f"client-{i}")
+    _write(client_dir / "ca.crt", ca_pem)
+    _write(client_dir / "client.key", private, private=True)
+    _write(auth_keys / f"client-{i}.pub", public + b"\n")

@@ -12,12 +12,13 @@ import random
 from torch import nn
 
 from fedlora.config import RunConfig
+import torch
+from fedlora.ml.generation import generation_accuracy, response_perplexity
+from fedlora.ml.training import evaluate
 
 
 def evaluation_device() -> str:
     """Where the global model is evaluated: the coordinator's GPU when it has one."""
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -31,11 +32,8 @@ def seeded_slice(examples, size: int, seed: int):
 def evaluate_global_model(model: nn.Module, tokenizer, cfg: RunConfig, examples, *, final: bool, device="cpu") -> dict:
     """``accuracy`` (None for a causal LM between rounds), ``loss``, and ``perplexity`` for a causal LM."""
     if cfg.task != "causal-lm":
-        from fedlora.training import evaluate
-
         accuracy, loss = evaluate(model, tokenizer, examples, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device)
         return {"accuracy": accuracy, "loss": loss}
-    from fedlora.lm_eval import generation_accuracy, response_perplexity
 
     nll, perplexity = response_perplexity(model, tokenizer, examples, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device)
     result = {"accuracy": None, "loss": nll, "perplexity": perplexity}

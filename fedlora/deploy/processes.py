@@ -1,5 +1,5 @@
 """Child processes of ``fedlora coordinator`` and ``fedlora client``: Flower's executables,
-each under ``fedlora.guard`` in a session of its own, so that stopping it (or our own
+each under ``fedlora.deploy.guard`` in a session of its own, so that stopping it (or our own
 death) stops everything it started."""
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def child_env(flower_home: Path) -> dict[str, str]:
 
 
 def start(cmd: Sequence[str], env: dict[str, str], log_path: Path | None) -> subprocess.Popen:
-    """``cmd`` under ``fedlora.guard`` in a new session: stopping the returned process's
+    """``cmd`` under ``fedlora.deploy.guard`` in a new session: stopping the returned process's
     group stops everything ``cmd`` started, and so does our own death."""
     out = open(log_path, "ab") if log_path is not None else subprocess.PIPE
-    guarded = [sys.executable, "-m", "fedlora.guard", *cmd]
+    guarded = [sys.executable, "-m", "fedlora.deploy.guard", *cmd]
     return subprocess.Popen(guarded, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -64,6 +64,13 @@ def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         break
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def free_loopback_port() -> int:

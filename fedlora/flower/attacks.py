@@ -22,12 +22,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora import wire
-from fedlora.adapters import ROLE_A, ROLE_B, role_of
+from fedlora.io import wire
+from fedlora.ml.adapters import ROLE_A, ROLE_B, role_of
 from fedlora.config import RunConfig
 from fedlora.strategies.base import State, lora_deltas
 from fedlora.strategies.fedsb import GRAD_U
-from fedlora.strategies.flower_bridge import RECORD
+from fedlora.flower.messages import RECORD
+from fedlora.client.app import train
 
 CLAIMED_EXAMPLES = wire.MAX_EXAMPLES  # the most the decoder lets through: the weight cap must stop it
 
@@ -88,8 +89,6 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
 
 def attacking_client_app() -> ClientApp:
     """The production ClientApp's handler behind ``attack_mod``."""
-    from fedlora.client.app import train
-
     app = ClientApp(mods=[attack_mod])
     app.train()(train)
     return app

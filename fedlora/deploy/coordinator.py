@@ -18,12 +18,13 @@ from pathlib import Path
 
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.report import write_json_atomic
-from fedlora.processes import (
+from fedlora.io.report import write_json_atomic
+from fedlora.deploy.processes import (
     child_env,
     flower_executable,
     free_loopback_port,
     last_line,
+    parse_address,
     start,
     stop,
     terminate_on_sigterm,
@@ -70,13 +71,6 @@ class Deployment:
     tls_dir: Path | None  # None: --insecure
     auth_keys: list[Path]
     startup_timeout_s: float = 60.0
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 def check_deployment(address: str, tls_dir: str | None, insecure: bool, auth_keys: str | None) -> Deployment:
@@ -173,12 +167,15 @@ def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
     write_json_atomic(path, now)
 
 
-def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
+def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
     """The Flower app folder (just its pyproject) and the run config file for ``flwr run``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(APP_PYPROJECT)
     run_config = folder.parent / "run-config.toml"
-    run_config.write_text(f"fedlora-config = {json.dumps(json.dumps(cfg.to_dict()))}\nresume = {str(resume).lower()}\n")
+    run_config.write_text(
+        f"fedlora-config = {json.dumps(json.dumps(cfg.to_dict()))}\n"
+        f"out-dir = {json.dumps(str(out_dir))}\nresume = {str(resume).lower()}\n"
+    )
     return run_config
 
 
@@ -197,7 +194,7 @@ def _start_superlink(
 ) -> tuple[subprocess.Popen, _Flower]:
     control_port = free_loopback_port()
     flower_executable("flower-superlink")  # a clear error where flwr is missing
-    cmd = [sys.executable, "-m", "fedlora.superlink", "--max-message-bytes", str(max_message_bytes)]
+    cmd = [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", str(max_message_bytes)]
     if dep.tls_dir is None:
         cmd.append("--insecure")
     else:
@@ -219,11 +216,10 @@ def _start_superlink(
     return superlink, _Flower(flower / "cli", control_port, dep.tls_dir)
 
 
-def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=print) -> Path:
+def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = False, progress=print) -> Path:
     """Start the SuperLink, submit the run, echo its progress, stop everything; the
-    outputs land in ``cfg.out``. Raises UserError when the run fails."""
-    out = Path(str(cfg.out)).resolve()
-    cfg.out = str(out)
+    outputs land in ``out_dir``. Raises UserError when the run fails."""
+    out = Path(out_dir).resolve()
     flower = out / ".flower"
     (flower / "superlink").mkdir(parents=True, exist_ok=True)
     log_path = out / "coordinator.log"
@@ -248,7 +244,7 @@ def coordinate(cfg: RunConfig, dep: Deployment, resume: bool = False, progress=p
         progress(f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
                  f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
                  f"waiting for {cfg.clients} clients")
-        run_config = write_app(flower / "app", cfg, resume)
+        run_config = write_app(flower / "app", cfg, out, resume)
         run_id = cli.call("run", str(flower / "app"), "local", "--run-config", str(run_config))["run-id"]
         offset = log_path.stat().st_size if resume and log_path.is_file() else 0  # echo only what is new
         last_ask = time.monotonic()

@@ -39,10 +39,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_report(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     """Accuracy and loss per round, and cumulative bytes up and down."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import; only a run's end plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is slow to import; only a run's end plots
 
     rounds = [m["round"] for m in metrics]
     with_dp = any(m.get("epsilon") is not None for m in metrics)

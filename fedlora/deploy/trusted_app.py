@@ -45,15 +45,15 @@ def write_launcher(folder: Path) -> Path:
     """The ``flwr-clientapp`` an agent's SuperNode finds first on its PATH; returns the folder."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     launcher = folder / "flwr-clientapp"
-    launcher.write_text(f"#!{sys.executable}\nfrom fedlora.trusted_app import main\nmain()\n")
+    launcher.write_text(f"#!{sys.executable}\nfrom fedlora.deploy.trusted_app import main\nmain()\n")
     launcher.chmod(0o700)
     return folder
 
 
 def main() -> None:
     """Flower's ``flwr-clientapp``, with the bundle checked before it is installed."""
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as runtime
+    from flwr.supernode.cli import flwr_clientapp  # lazy: the agent imports this module for write_launcher alone
+    from flwr.supernode.runtime import run_clientapp as runtime  # lazy: the agent imports this module for write_launcher alone
 
     install = runtime.install_from_fab
 

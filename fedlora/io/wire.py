@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlora.adapters import role_of
-from fedlora.schema import update_pb2 as pb
+from fedlora.ml.adapters import role_of
+from fedlora.io.schema import update_pb2 as pb
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedlora.data import read_table
+from fedlora.ml.data import read_table
 from fedlora.errors import UserError
 
 PROMPT_FIELDS = ("instruction", "prompt", "question")

@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 
 from fedlora.errors import UserError
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -67,10 +70,6 @@ def cached_folder(gguf_path: str | Path) -> Path:
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading GGUF files needs the gguf package: pip install gguf")
     folder, name = str(gguf_path.parent), gguf_path.name

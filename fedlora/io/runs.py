@@ -8,14 +8,14 @@ from pathlib import Path
 
 from torch import nn
 
-from fedlora.adapters import inject_lora
-from fedlora.checkpoint import load_checkpoint
+from fedlora.ml.adapters import inject_lora
+from fedlora.io.checkpoint import load_checkpoint
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.models import load_base_model
-from fedlora.strategies import make_strategy
+from fedlora.ml.models import load_base_model
+from fedlora.strategies import build_strategy
 from fedlora.strategies.base import AdapterStrategy, State
-from fedlora.task import initial_adapter_state, lora_spec
+from fedlora.ml.task import initial_adapter_state, lora_spec
 
 
 @dataclass
@@ -56,6 +56,6 @@ def load_run(path: str | Path) -> Run:
     labels = meta.get("labels")
     if labels is None or (not labels and cfg.task == "classify"):
         raise UserError(f"checkpoint in {path} records no labels")
-    strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
+    strategy = build_strategy(cfg)
     strategy.setup(initial_adapter_state(cfg.model, len(labels), strategy.spec, cfg.seed, cfg.task, cfg.pooling))
     return Run(path, cfg, list(labels), int(meta["round"]), strategy, state)

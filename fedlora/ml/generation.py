@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from fedlora.instructions import InstructionDataset, final_number, prompt_ids, token_losses
+from fedlora.ml.instructions import InstructionDataset, final_number, prompt_ids, token_losses
 
 
 @torch.no_grad()

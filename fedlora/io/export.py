@@ -7,10 +7,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fedlora.adapters import ROLE_A, ROLE_HEAD, head_module, role_of
+from fedlora.ml.adapters import ROLE_A, ROLE_HEAD, head_module, role_of
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.models import resolve_model_path
+from fedlora.ml.models import resolve_model_path
+from peft import LoraConfig
+from fedlora.ml.adapters import merge_lora
+from fedlora.ml.models import load_tokenizer
+from fedlora.io.runs import load_run
 
 PEFT_PREFIX = "base_model.model."
 
@@ -31,8 +35,6 @@ def export_peft_adapter(state: dict[str, torch.Tensor], scaling: float, cfg: Run
 
     ``state`` is a standard LoRA (A, B and head tensors) whose adapters scale by ``scaling``.
     """
-    from peft import LoraConfig
-
     ranks = {state[n].shape[0] for n in state if role_of(n) == ROLE_A}
     if len(ranks) != 1:
         raise ValueError(f"expected one LoRA rank across modules, found {sorted(ranks)}")
@@ -58,9 +60,6 @@ def export_peft_adapter(state: dict[str, torch.Tensor], scaling: float, cfg: Run
 def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
     """A run's latest global state as a PEFT adapter folder, or with ``merge`` as a full
     model folder that ``transformers`` loads on its own."""
-    from fedlora.adapters import merge_lora
-    from fedlora.models import load_tokenizer
-    from fedlora.runs import load_run
 
     run = load_run(run_dir)
     reason = unexportable_reason(run.cfg)

@@ -2,7 +2,7 @@
 
 The node config carries the data path, its size and digest, rank, device, the agent's own
 privacy settings and state folder; the ClientApp (``fedlora.client.app``) reads them and
-only this machine's file. Only fedlora's own ClientApp runs (``fedlora.trusted_app``), one
+only this machine's file. Only fedlora's own ClientApp runs (``fedlora.deploy.trusted_app``), one
 agent per state folder (a lock). The agent serves the coordinator's runs until stopped.
 """
 
@@ -15,13 +15,20 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from fedlora.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
-from fedlora.coordinator import parse_address
-from fedlora.data import load_text_file
-from fedlora.instructions import load_instruction_file
+from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
+from fedlora.ml.data import load_text_file
+from fedlora.ml.instructions import load_instruction_file
 from fedlora.errors import UserError
-from fedlora.processes import child_env, flower_executable, free_loopback_port, start, stop, terminate_on_sigterm
-from fedlora.trusted_app import write_launcher
+from fedlora.deploy.processes import (
+    child_env,
+    flower_executable,
+    free_loopback_port,
+    parse_address,
+    start,
+    stop,
+    terminate_on_sigterm,
+)
+from fedlora.deploy.trusted_app import write_launcher
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -75,7 +82,7 @@ def check_agent(
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: choose auto, cuda or cpu")
     if device == "cuda":
-        import torch
+        import torch  # lazy: torch for --device cuda only
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available on this machine")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from fedlora.errors import UserError
-from fedlora.report import write_json_atomic
+from fedlora.io.report import write_json_atomic
 
 History = list[tuple[float, float, int]]
 DEFAULT_MAX_STEPS = 10_000  # a deployed agent's cap on DP steps over a run, unless it sets its own

@@ -1,0 +1,1 @@
+"""Deployment: the coordinator, the client agent, certificates and process supervision."""

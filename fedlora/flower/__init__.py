@@ -1,0 +1,1 @@
+"""The Flower edge: message constants, the strategy bridge, simulation and simulated attackers."""

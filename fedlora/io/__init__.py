@@ -1,0 +1,1 @@
+"""Input and output: the wire format, checkpoints, run folders, reports, export and the agent's state on disk."""

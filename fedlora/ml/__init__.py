@@ -1,0 +1,1 @@
+"""Machine learning: models, adapters, data, training, privacy and evaluation."""
