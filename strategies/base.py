@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from fedlora.adapters import (
+from fedlora.config import RunConfig
+from fedlora.ml.adapters import (
     ROLE_A,
     ROLE_B,
     ROLE_HEAD,
@@ -156,15 +157,19 @@ class AdapterStrategy(ABC):
     name: str = ""
     trained_roles: tuple[str, ...] = (ROLE_A, ROLE_B, ROLE_HEAD)
     frozen_roles: tuple[str, ...] = ()  # sent once to each client, kept by it
-    needs_init: bool = False  # a federated initialisation before round 1 (Fed-SB)
 
     def __init__(self, spec: LoRASpec):
         self.spec = spec
         self.module_shapes: dict[str, tuple[int, int]] = {}
 
+    @classmethod
+    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> "AdapterStrategy":
+        """The strategy a run's settings ask for; override to read more than the adapter shape."""
+        return cls(spec)
+
     # ----- shapes and state -------------------------------------------------------
     def client_spec(self, rank: int | None = None) -> LoRASpec:
-        """The adapter shape a client trains; only FLoRA lets a client choose its rank."""
+        """The adapter shape a client trains; a ``PerClientRank`` strategy honours ``rank``."""
         return self.spec
 
     def setup(self, initial_state: State) -> State:
@@ -279,3 +284,44 @@ class AdapterStrategy(ABC):
 
 def with_rank(spec: LoRASpec, rank: int, with_r: bool | None = None) -> LoRASpec:
     return replace(spec, rank=rank, with_r=spec.with_r if with_r is None else with_r)
+
+
+class PerClientRank(ABC):
+    """A strategy whose clients may each train at their own LoRA rank (``--ranks``)."""
+
+
+class FederatedInit(ABC):
+    """A strategy whose global adapters come from a round of client gradients before round 1.
+
+    The bridge asks for ``init_request``, screens each reply (``check_init``,
+    ``init_effect_norm``, ``shrink_init``) and calls ``initialize``; a client answers with
+    ``init_reply`` of its full-weight gradients for ``init_batches`` batches.
+    """
+
+    @abstractmethod
+    def init_request(self, global_state: State) -> State:
+        """What clients receive for the initialisation round."""
+
+    @abstractmethod
+    def expected_init_shapes(self) -> dict[str, Shape]:
+        """The tensor names and shapes a valid initialisation reply holds."""
+
+    @abstractmethod
+    def check_init(self, tensors: State) -> None:
+        """Raise ``UpdateRejected`` unless ``tensors`` is a well-formed initialisation reply."""
+
+    @abstractmethod
+    def init_effect_norm(self, tensors: State) -> float:
+        """How far this reply alone would move the model."""
+
+    @abstractmethod
+    def shrink_init(self, tensors: State, factor: float) -> State:
+        """The reply with its effect scaled by ``factor`` (clipping)."""
+
+    @abstractmethod
+    def init_reply(self, grads: dict[str, torch.Tensor]) -> State:
+        """A client's reply, from its mean full-weight gradients."""
+
+    @abstractmethod
+    def initialize(self, global_state: State, grads: Sequence[ClientUpdate]) -> State:
+        """The global state after the initialisation round."""

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected, gram_error, weights, with_rank
+from fedlora.config import RunConfig
+from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, role_of
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, FederatedInit, Shape, State, UpdateRejected, gram_error, weights, with_rank
 
 GRAD_U = ".grad_us"  # U_k S_k: d_out x r
 GRAD_V = ".grad_v"  # V_k: d_in x r
@@ -36,15 +37,18 @@ def sketch_gradient(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return (u[:, :k] * s[:k]).to("cpu", torch.float32), vh[:k].T.contiguous().to("cpu", torch.float32)
 
 
-class FedSB(AdapterStrategy):
+class FedSB(AdapterStrategy, FederatedInit):
     name = "fedsb"
     trained_roles = (ROLE_R, ROLE_HEAD)
     frozen_roles = (ROLE_A, ROLE_B)
-    needs_init = True
 
     def __init__(self, spec: LoRASpec, init_step: float = 1e-3):
         super().__init__(with_rank(spec, spec.rank, with_r=True))
         self.init_step = init_step
+
+    @classmethod
+    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> "FedSB":
+        return cls(spec, init_step=cfg.lr)  # LoRA-SB: one step of the local learning rate
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:
         return self.spec

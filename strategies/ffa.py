@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD
+from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD
 from fedlora.strategies.base import AdapterStrategy, ClientUpdate, State, gram_error
 
 

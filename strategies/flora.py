@@ -22,11 +22,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedlora.adapters import ROLE_A, ROLE_B, ROLE_HEAD, LoRASpec, module_of, reset_adapters, role_of
+from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD, LoRASpec, module_of, reset_adapters, role_of
 from fedlora.strategies.base import (
     MERGED,
     Aggregate,
     AdapterStrategy,
+    PerClientRank,
     ClientUpdate,
     Shape,
     State,
@@ -49,7 +50,7 @@ def merged_round(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class FLoRA(AdapterStrategy):
+class FLoRA(AdapterStrategy, PerClientRank):
     name = "flora"
     trained_roles = (ROLE_A, ROLE_B, ROLE_HEAD)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora.adapters import LoRASpec, adapter_state, inject_lora, lora_modules, reshape_adapters, set_trainable
+from fedlora.ml.adapters import LoRASpec, adapter_state, inject_lora, lora_modules, reshape_adapters, set_trainable
 from fedlora.strategies import make_strategy
-from fedlora.strategies.base import ClientUpdate, lora_deltas, merged_deltas
+from fedlora.strategies.base import ClientUpdate, FederatedInit, lora_deltas, merged_deltas
 from fedlora.strategies.fedsb import sketch_gradient
 
 SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"))
@@ -88,13 +88,13 @@ def client_gradient(strategy, k: int) -> dict[str, torch.Tensor]:
 
 
 def setup_strategy(name, tiny_bert):
-    strategy = make_strategy(name, SPEC, init_step=INIT_STEP)
+    strategy = make_strategy(name, SPEC, **({"init_step": INIT_STEP} if name == "fedsb" else {}))
     inject_lora(tiny_bert, strategy.spec)
     torch.manual_seed(7)
     for m in lora_modules(tiny_bert).values():
         m.reset_adapter()
     state = strategy.setup(adapter_state(tiny_bert))
-    if strategy.needs_init:
+    if isinstance(strategy, FederatedInit):
         grads = [ClientUpdate(k, strategy.init_reply(client_gradient(strategy, k)), n) for k, n in enumerate(SIZES)]
         state = strategy.initialize(state, grads)
     return strategy, state
