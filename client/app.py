@@ -1,7 +1,7 @@
 """The client agent (ClientApp): decode global state -> cached model -> local data -> train -> encode update.
 
 A deployed agent (``data-path`` in its node config, set by ``fedlora client``) trusts the
-coordinator with nothing about its data (README: Threat model): its own privacy settings
+coordinator with nothing about its data (docs/design.md: Threat model): its own privacy settings
 override the coordinator's and a request outside them is declined before any data is
 read; DP noise and Poisson samples come from the operating system's secure source; under
 DP a reply carries the update and the DP statistics only; and whatever goes wrong goes
@@ -23,17 +23,18 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import privacy, wire
-from fedlora.adapters import adapter_state, reset_adapters, set_trainable
-from fedlora.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
+from fedlora.io import wire
+from fedlora.ml import privacy
+from fedlora.ml.adapters import adapter_state, reset_adapters, set_trainable
+from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
 from fedlora.config import RunConfig
-from fedlora.data import align_labels
+from fedlora.ml.data import align_labels
 from fedlora.errors import UserError
-from fedlora.report import write_json_atomic
-from fedlora.strategies import make_strategy
+from fedlora.io.report import write_json_atomic
+from fedlora.strategies import build_strategy, init_batches
 from fedlora.strategies.base import AdapterStrategy, State, held_digest
-from fedlora.strategies.flower_bridge import HELD_DIGEST, PHASE_INIT, RECORD, RESYNC
-from fedlora.task import adapted_model, load_splits, load_task_data, lora_spec, tokenizer_for
+from fedlora.flower.messages import FACTS, HELD_DIGEST, PHASE_INIT, RECORD, RESYNC, RunFacts
+from fedlora.ml.task import adapted_model, load_splits, load_task_data, lora_spec, tokenizer_for
 from fedlora.ml.training import LocalData, train_local, weight_gradients
 
 app = ClientApp()
@@ -84,10 +85,10 @@ def merge_held(context: Context, strategy: AdapterStrategy, received: State, hel
     return {**held, **received}
 
 
-def dp_state_file(cfg: RunConfig, pid: int) -> Path | None:
+def dp_state_file(facts: RunFacts, pid: int) -> Path | None:
     """Where a simulated client keeps its accountant on disk, so that it outlives the
     simulation process (a resumed run must not start anyone's budget afresh)."""
-    return Path(cfg.out) / "clients" / str(pid) / "privacy.json" if cfg.out else None
+    return Path(facts.client_state_dir) / str(pid) / "privacy.json" if facts.client_state_dir else None
 
 
 def dp_history(context: Context, path: Path | None) -> privacy.History:
@@ -143,11 +144,11 @@ class LocalSetup:
     rank: int
     num_labels: int
     device: torch.device
-    dp_epsilon: float | None
+    dp_epsilon: float | None  # the budget this client trains under: a deployed agent's own, else the run's
+    dp_delta: float
+    dp_clip: float
     dp_file: Path | None
     simulated: bool
-    dp_delta: float | None = None  # a deployed agent's own delta (None: the run's)
-    dp_clip: float | None = None  # a deployed agent's own clipping norm (None: the run's)
     ledger: Ledger | None = None  # a deployed agent's privacy ledger for this data file
     held_file: Path | None = None
 
@@ -175,23 +176,23 @@ def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int, strategy
     delta = own.delta_for(num_examples)
     if cfg.dp_delta > delta:
         raise Declined("dp-delta-refused", f"the coordinator asks for delta {cfg.dp_delta:g}, this agent allows at most {delta:g}")
-    steps = privacy.planned_steps(cfg.rounds, cfg.local_steps, cfg.init_batches if strategy.needs_init else 0)
+    steps = privacy.planned_steps(cfg.rounds, cfg.local_steps, init_batches(strategy, cfg))
     if steps > own.max_steps:
         raise Declined("dp-steps-refused", f"the run plans {steps} DP steps, this agent allows at most {own.max_steps}")
 
 
-def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
+def local_setup(cfg: RunConfig, facts: RunFacts, context: Context) -> LocalSetup:
     """A deployed agent (``data-path`` in its node config) reads its own file; a simulated
     client takes its partition of the run's data."""
     node = context.node_config
     if "data-path" in node:
         if cfg.task == "causal-lm":
             data = load_task_data(cfg, str(node["data-path"]))
-        elif not cfg.labels:
+        elif not facts.labels:
             raise Declined("no-labels", "the coordinator sent no label set")
         else:
             try:
-                data = align_labels(load_task_data(cfg, str(node["data-path"])), cfg.labels)
+                data = align_labels(load_task_data(cfg, str(node["data-path"])), facts.labels)
             except UserError as exc:  # decided here; the coordinator learns only that they differ
                 raise Declined("labels-mismatch", str(exc)) from None
         own = AgentPrivacy.from_node(node)
@@ -201,13 +202,13 @@ def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
             data=data,
             index=int(context.node_id) % 1_000_003,
             rank=int(node.get("rank", 0)) or cfg.rank,
-            num_labels=len(cfg.labels),
+            num_labels=len(facts.labels),
             device=pick_device(str(node.get("device", "auto"))),
             dp_epsilon=own.epsilon if own.epsilon is not None else cfg.dp_epsilon,
-            dp_file=None,
-            simulated=False,
             dp_delta=own.delta_for(len(data)),
             dp_clip=own.clip,
+            dp_file=None,
+            simulated=False,
             ledger=Ledger(Path(str(state_dir)), str(digest)) if state_dir and digest else None,
             held_file=held_path(Path(str(state_dir)), context.run_id) if state_dir else None,
         )
@@ -220,7 +221,9 @@ def local_setup(cfg: RunConfig, context: Context) -> LocalSetup:
         num_labels=len(splits.label_names),
         device=torch.device("cpu"),
         dp_epsilon=cfg.dp_epsilon,
-        dp_file=dp_state_file(cfg, pid),
+        dp_delta=cfg.dp_delta,
+        dp_clip=cfg.dp_clip,
+        dp_file=dp_state_file(facts, pid),
         simulated=True,
     )
 
@@ -241,82 +244,105 @@ def train(msg: Message, context: Context) -> Message:
         return decline(msg, "agent-error", None)
 
 
-def _train(msg: Message, context: Context, deployed: bool) -> Message:
-    handler_start = time.perf_counter()
+@dataclass
+class Request:
+    """One message from the coordinator, read: the run's settings and facts, this client's
+    setup and the global state it now holds."""
+
+    cfg: RunConfig
+    strategy: AdapterStrategy
+    setup: LocalSetup
+    state: State
+    round_num: int
+    is_init: bool
+    wire_dtype: str
+    init_dtype: str
+
+
+def read_request(msg: Message, context: Context, deployed: bool) -> Request:
     record = msg.content[RECORD]
     cfg = RunConfig.from_dict(json.loads(record["run_config"]))
-    round_num = int(record["round"])
-    strategy = make_strategy(cfg.strategy, lora_spec(cfg), init_step=cfg.lr)
+    facts = RunFacts.from_json(str(record.get(FACTS, "{}")))
+    strategy = build_strategy(cfg)
     if deployed:
         check_request(cfg, AgentPrivacy.from_node(context.node_config), int(context.node_config.get("num-examples", 0) or 0), strategy)
-    setup = local_setup(cfg, context)
+    setup = local_setup(cfg, facts, context)
     state = merge_held(context, strategy, wire.decode(record["payload"]).tensors, setup.held_file)
     if HELD_DIGEST in record and held_digest(strategy, state) != record[HELD_DIGEST]:
         raise Declined(RESYNC, "this client lacks tensors the coordinator sent before")
-    local = setup.data
-    cfg.dp_epsilon = setup.dp_epsilon
-    cfg.dp_delta = setup.dp_delta or cfg.dp_delta
-    cfg.dp_clip = setup.dp_clip or cfg.dp_clip
-
-    spec = strategy.client_spec(setup.rank)
-    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task, cfg.pooling).to(setup.device)
-    seed = cfg.seed * 1_000_003 + round_num * 1_009 + setup.index
-    # DP noise and Poisson sampling: seeded in simulation, unpredictable to anyone else when deployed
-    dp_seed = seed if setup.simulated else secrets.randbits(63)
-    tokenizer = tokenizer_for(cfg.model, cfg.task)
     wire_dtype = str(record.get("wire_dtype", "fp32"))
-    header = {"strategy": strategy.name, "round_num": round_num, "num_examples": len(local), "wire_dtype": wire_dtype}
+    return Request(
+        cfg, strategy, setup, state, int(record["round"]), record.get("phase") == PHASE_INIT, wire_dtype,
+        str(record.get("init_dtype", wire_dtype)),
+    )
 
-    is_init = record.get("phase") == PHASE_INIT
-    dp_file = setup.dp_file
-    dp, history = None, read_history(context, setup)
-    if cfg.dp_epsilon is not None:
-        total = privacy.planned_steps(cfg.rounds, cfg.local_steps, cfg.init_batches if strategy.needs_init else 0)
-        dp = privacy.plan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, len(local), cfg.batch_size, total)
-        steps = cfg.init_batches if is_init else cfg.local_steps
-        if privacy.would_exceed(history, dp, steps):
-            spent = privacy.epsilon_of(history, cfg.dp_delta)
-            raise Declined("privacy-budget", f"{steps} more steps would exceed epsilon {cfg.dp_epsilon} (spent {spent:.3f})", spent)
-        if not setup.simulated:  # the count is the aggregation weight: only as fine as the public sample rate
-            header["num_examples"] = round(cfg.batch_size / dp.sample_rate)
 
-    def save(history: privacy.History) -> None:
-        if setup.ledger is not None:
-            setup.ledger.write(history)
-        save_dp_history(context, dp_file, history)
+def plan_privacy(req: Request, history: privacy.History) -> privacy.DPPlan | None:
+    """This client's DP plan for the run, or None without DP; declines a round that would
+    take it over its budget."""
+    cfg, setup = req.cfg, req.setup
+    if setup.dp_epsilon is None:
+        return None
+    total = privacy.planned_steps(cfg.rounds, cfg.local_steps, init_batches(req.strategy, cfg))
+    dp = privacy.plan(setup.dp_epsilon, setup.dp_delta, setup.dp_clip, len(setup.data), cfg.batch_size, total)
+    steps = cfg.init_batches if req.is_init else cfg.local_steps
+    if privacy.would_exceed(history, dp, steps):
+        spent = privacy.epsilon_of(history, dp.delta)
+        raise Declined("privacy-budget", f"{steps} more steps would exceed epsilon {dp.epsilon} (spent {spent:.3f})", spent)
+    return dp
 
-    if is_init:
+
+def _train(msg: Message, context: Context, deployed: bool) -> Message:
+    handler_start = time.perf_counter()
+    req = read_request(msg, context, deployed)
+    cfg, strategy, setup = req.cfg, req.strategy, req.setup
+    net = adapted_model(cfg.model, setup.num_labels, strategy.client_spec(setup.rank), cfg.task, cfg.pooling).to(setup.device)
+    seed = cfg.seed * 1_000_003 + req.round_num * 1_009 + setup.index
+    history = read_history(context, setup)
+    dp = plan_privacy(req, history)
+    # DP noise and Poisson sampling: seeded in simulation, unpredictable to anyone else when deployed
+    run_seed = seed if dp is None or setup.simulated else secrets.randbits(63)
+    header = {"strategy": strategy.name, "round_num": req.round_num, "num_examples": len(setup.data), "wire_dtype": req.wire_dtype}
+    if dp is not None and not setup.simulated:  # the count is the aggregation weight: only as fine as the public sample rate
+        header["num_examples"] = round(cfg.batch_size / dp.sample_rate)
+    tokenizer = tokenizer_for(cfg.model, cfg.task)
+    if req.is_init:
         reset_adapters(net)  # no adapter effect: the gradient is the base model's
-        strategy.materialize(net, state)
-        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": setup.device}
+        strategy.materialize(net, req.state)
         grads, history = weight_gradients(
-            net, tokenizer, local, dp=dp, history=history, batches=cfg.init_batches, seed=seed if dp is None else dp_seed, **kw
+            net, tokenizer, setup.data, dp=dp, history=history, batches=cfg.init_batches, seed=run_seed,
+            batch_size=cfg.batch_size, max_length=cfg.max_length, device=setup.device,
         )
-        if dp is not None:
-            save(history)
-        header["wire_dtype"] = str(record.get("init_dtype", wire_dtype))
-        blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **header)
+        save_history(context, setup, dp, history)
+        blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **{**header, "wire_dtype": req.init_dtype})
         return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(dp, history)}), reply_to=msg)
-
-    strategy.prepare_client_model(net, state, seed)
+    strategy.prepare_client_model(net, req.state, seed)
     set_trainable(net, strategy.trained_roles)
-    kw = {"steps": cfg.local_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length}
-    kw["device"] = setup.device
-    stats, history = train_local(net, tokenizer, local, dp=dp, history=history, seed=seed if dp is None else dp_seed, **kw)
-    if dp is not None:
-        save(history)
-    update = adapter_state(net, strategy.sent_roles)
-    blob = wire.encode_update(update, dp=dp_stats(dp, history), **header)
+    stats, history = train_local(
+        net, tokenizer, setup.data, dp=dp, history=history, seed=run_seed, steps=cfg.local_steps,
+        batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length, device=setup.device,
+    )
+    save_history(context, setup, dp, history)
+    blob = wire.encode_update(adapter_state(net, strategy.sent_roles), dp=dp_stats(dp, history), **header)
     if dp is not None and not setup.simulated:  # nothing un-noised about the data: the DP statistics only
         metrics = epsilon_metric(dp, history)
     else:
         metrics = MetricRecord(
-            {"loss": stats.loss, "num-examples": len(local), "train-seconds": stats.seconds, "train-examples": stats.examples,
-             "train-tokens": stats.tokens}
+            {"loss": stats.loss, "num-examples": len(setup.data), "train-seconds": stats.seconds,
+             "train-examples": stats.examples, "train-tokens": stats.tokens}
         )
         metrics.update(epsilon_metric(dp, history))
         metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode
     return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": metrics}), reply_to=msg)
+
+
+def save_history(context: Context, setup: LocalSetup, dp: privacy.DPPlan | None, history: privacy.History) -> None:
+    """After a DP step: the agent's ledger, the node state and (simulation) the accountant file."""
+    if dp is None:
+        return
+    if setup.ledger is not None:
+        setup.ledger.write(history)
+    save_dp_history(context, setup.dp_file, history)
 
 
 def read_history(context: Context, setup: LocalSetup) -> privacy.History:

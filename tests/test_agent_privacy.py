@@ -10,18 +10,19 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora import wire
-from fedlora.agent_state import AgentPrivacy, Ledger, data_digest, lock_state_dir
+from fedlora.io import wire
+from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, lock_state_dir
 from fedlora.client.app import train
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
 from fedlora.strategies import make_strategy
-from fedlora.strategies.flower_bridge import RECORD, RESYNC, FlowerStrategy
-from fedlora.task import initial_adapter_state, load_splits, lora_spec
+from fedlora.flower.bridge import FlowerStrategy
+from fedlora.flower.messages import RECORD, RESYNC, RunFacts
+from fedlora.ml.task import initial_adapter_state, load_splits, lora_spec
 from replies import FakeReply
 
 LABELS = ("business", "entertainment", "politics", "sports", "tech")
-SMALL = dict(local_steps=1, batch_size=4, max_length=16, rounds=3, labels=LABELS)
+SMALL = dict(local_steps=1, batch_size=4, max_length=16, rounds=3)
 
 
 @pytest.fixture(autouse=True)
@@ -39,11 +40,11 @@ def data_file(tmp_path):
     return path
 
 
-def coordinator(strategy: str = "fedavg", **overrides) -> FlowerStrategy:
+def coordinator(strategy: str = "fedavg", labels: tuple[str, ...] = LABELS, **overrides) -> FlowerStrategy:
     cfg = RunConfig(strategy=strategy, **{**SMALL, **overrides})
     adapter = make_strategy(strategy, lora_spec(cfg))
-    state = adapter.setup(initial_adapter_state(cfg.model, len(LABELS), adapter.spec, cfg.seed, cfg.task, cfg.pooling))
-    return FlowerStrategy(adapter, state, json.dumps(cfg.to_dict()))
+    state = adapter.setup(initial_adapter_state(cfg.model, len(labels), adapter.spec, cfg.seed, cfg.task, cfg.pooling))
+    return FlowerStrategy(adapter, state, json.dumps(cfg.to_dict()), run_facts=RunFacts(labels))
 
 
 class Grid:

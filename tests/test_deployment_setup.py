@@ -11,16 +11,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
-from fedlora.agent import check_agent, node_config
-from fedlora.agent_state import AgentPrivacy
+from fedlora.deploy.agent import check_agent, node_config
+from fedlora.io.agent_state import AgentPrivacy
 from fedlora.client.app import Declined, local_setup, pick_device
-from fedlora.certs import write_certificates
+from fedlora.flower.messages import RunFacts
+from fedlora.deploy.certs import write_certificates
 from fedlora.cli import main
 from fedlora.config import RunConfig
-from fedlora.coordinator import check_deployment, parse_address
-from fedlora.data import TextDataset, align_labels
+from fedlora.deploy.coordinator import check_deployment
+from fedlora.deploy.processes import parse_address
+from fedlora.ml.data import TextDataset, align_labels
 from fedlora.errors import UserError
-from fedlora.task import load_splits, write_partitions
+from fedlora.ml.task import load_splits, write_partitions
 
 
 def test_certificates_chain_to_the_ca_and_name_the_host(tmp_path):
@@ -135,29 +137,30 @@ def test_labels_are_matched_by_name():
 def test_a_deployed_client_reads_its_own_file(tmp_path):
     data = tmp_path / "mine.csv"
     data.write_text("text,label\nshares rose,business\nthe match,sports\n")
-    cfg = RunConfig(labels=("business", "politics", "sports"), dp_epsilon=3.0, rank=8)
+    cfg = RunConfig(dp_epsilon=3.0, rank=8)
+    facts = RunFacts(labels=("business", "politics", "sports"))
     node = {"data-path": str(data), "rank": 4, "device": "cpu", "dp-epsilon": 1.5, "state-dir": str(tmp_path / "s"),
             "data-digest": "ab" * 32}
-    setup = local_setup(cfg, Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
+    setup = local_setup(cfg, facts, Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
     assert setup.data.texts == ["shares rose", "the match"] and setup.data.labels == [0, 2]
     assert (setup.rank, setup.num_labels, setup.dp_epsilon, setup.index) == (4, 3, 1.5, 77)
     assert setup.ledger.path == tmp_path / "s" / "ledgers" / f"{'ab' * 32}.json" and not setup.simulated
     assert setup.dp_delta == 1e-5 and setup.held_file == tmp_path / "s" / "runs" / "1" / "held.bin"
     assert setup.device == torch.device("cpu")
     with pytest.raises(Declined, match="no-labels"):
-        local_setup(RunConfig(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
+        local_setup(RunConfig(), RunFacts(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
     assert pick_device("auto").type in ("cpu", "cuda")
 
 
 def test_a_deployed_causal_lm_client_reads_prompt_response_pairs(tmp_path, capsys):
-    from fedlora.agent import check_agent
+    from fedlora.deploy.agent import check_agent
 
     data = tmp_path / "mine.jsonl"
     data.write_text('{"question": "What is 1 plus 2?", "answer": "#### 3"}\n')
     cfg = RunConfig()
     cfg.update({"task": "causal-lm"})
     node = {"data-path": str(data), "device": "cpu"}
-    setup = local_setup(cfg, Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={}))
+    setup = local_setup(cfg, RunFacts(), Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={}))
     assert setup.data.prompts == ["What is 1 plus 2?"] and setup.data.responses == ["#### 3"] and setup.num_labels == 0
     check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, "text", "label", "causal-lm")
     assert "1 prompt/response pairs" in capsys.readouterr().out
@@ -195,7 +198,7 @@ class FakeFlowerCli:
 
 
 def test_registered_keys_follow_auth_keys_exactly_across_a_resume(tmp_path):
-    from fedlora.coordinator import sync_registered_keys
+    from fedlora.deploy.coordinator import sync_registered_keys
 
     write_certificates(tmp_path / "c", "localhost", clients=3)
     keys = sorted((tmp_path / "c" / "coordinator" / "auth-keys").glob("*.pub"))
@@ -212,7 +215,7 @@ def test_registered_keys_follow_auth_keys_exactly_across_a_resume(tmp_path):
 
 
 def test_a_resume_may_not_weaken_tls_or_node_authentication(tmp_path):
-    from fedlora.coordinator import Deployment, check_security_mode
+    from fedlora.deploy.coordinator import Deployment, check_security_mode
 
     secure = Deployment("127.0.0.1:9092", tmp_path, [tmp_path / "k.pub"])
     check_security_mode(tmp_path, secure, resume=False)

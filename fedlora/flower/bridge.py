@@ -19,19 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora import wire
-from fedlora.adapters import role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, Shape, State, UpdateRejected, held_digest
+from fedlora.flower.messages import FACTS, HELD_DIGEST, PHASE_INIT, PHASE_TRAIN, RECORD, RESYNC, RunFacts
+from fedlora.io import wire
+from fedlora.ml.adapters import role_of
+from fedlora.strategies.base import AdapterStrategy, ClientUpdate, FederatedInit, Shape, State, UpdateRejected, held_digest
 from fedlora.strategies.robust import NormScreen, Screened, cap_weights
 from fedlora.untrusted import one_line
 
 log = logging.getLogger("fedlora")
 
-RECORD = "fedlora"
-PHASE_TRAIN = "train"
-PHASE_INIT = "init"
-HELD_DIGEST = "held_digest"  # what the client should hold after this message (strategies.base.held_digest)
-RESYNC = "resync"  # a client's decline: it lacks what it was sent before (a restarted agent)
 
 
 MAX_METRIC = 1e12  # a client-reported count or time beyond this is not believed
@@ -78,6 +74,7 @@ class FlowerStrategy(Strategy):
         global_state: State,
         run_config_json: str,
         *,
+        run_facts: RunFacts = RunFacts(),
         fraction: float = 1.0,
         seed: int = 0,
         wire_dtype: str = "fp32",
@@ -91,6 +88,7 @@ class FlowerStrategy(Strategy):
     ):
         self.strategy = strategy
         self.run_config_json = run_config_json
+        self.run_facts_json = run_facts.to_json()
         self.fraction = fraction
         self.seed = seed
         self.wire_dtype = wire_dtype
@@ -113,7 +111,7 @@ class FlowerStrategy(Strategy):
 
     def _message(self, node_id: int, payload: bytes, server_round: int, phase: str) -> Message:
         record = ConfigRecord(
-            {"payload": payload, "run_config": self.run_config_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype,
+            {"payload": payload, "run_config": self.run_config_json, FACTS: self.run_facts_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype,
              "init_dtype": self.init_dtype}
         )
         if phase == PHASE_TRAIN:  # after its catch-up, a client holds every persistent tensor of the global state
@@ -140,16 +138,26 @@ class FlowerStrategy(Strategy):
         return out
 
     # ----- Fed-SB's federated initialisation ----------------------------------------------
+    @property
+    def initializer(self) -> FederatedInit | None:
+        """The strategy's federated initialisation, when it declares one."""
+        return self.strategy if isinstance(self.strategy, FederatedInit) else None
+
+    def _require_init(self) -> FederatedInit:
+        if self.initializer is None:
+            raise TypeError(f"strategy {self.strategy.name!r} has no federated initialisation")
+        return self.initializer
+
     def configure_init(self, grid: Grid) -> list[Message]:
         nodes = self.sample(0, list(grid.get_node_ids()))
-        payload = self._encode_down(self.strategy.init_request(self.global_state), 0)
+        payload = self._encode_down(self._require_init().init_request(self.global_state), 0)
         self.init_stats = RoundStats(sampled=nodes, bytes_down=len(payload) * len(nodes))
         return [self._message(n, payload, 0, PHASE_INIT) for n in nodes]
 
     def aggregate_init(self, replies: Iterable[Message]) -> bool:
         """Build the initial adapters from the clients' gradient sketches; False when none was valid."""
         stats = self.init_stats
-        strategy = self.strategy
+        strategy = self._require_init()
         valid = self._valid_updates(0, replies, strategy.expected_init_shapes(), stats, strategy.check_init, kind="init")
         screened = self.init_screen.screen(cap_weights([u for u, _ in valid], self.weight_cap), strategy.init_effect_norm, strategy.shrink_init)
         self._count_screened(0, screened, stats)
@@ -165,7 +173,7 @@ class FlowerStrategy(Strategy):
             return self._discard(0, stats, "the initialisation built from the clients' gradients is not finite")
         # a bounded R0: the truncated mean of the sketches does no more than the largest kept one
         largest = max(strategy.init_effect_norm(u.state) for u in grads)
-        if strategy.effect_norm(self.global_state, initial) > largest * (1 + 1e-4) + 1e-12:
+        if self.strategy.effect_norm(self.global_state, initial) > largest * (1 + 1e-4) + 1e-12:
             return self._discard(0, stats, "the initialisation exceeds what its sketches allow")
         self.global_state = self._in_wire_dtype(initial)
         return True

@@ -10,8 +10,12 @@ from pathlib import Path
 
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.models import resolve_model_path
-from fedlora.task import check_target_modules, load_splits
+from fedlora.ml.models import resolve_model_path
+from fedlora.ml.task import check_target_modules, load_splits
+import json
+from fedlora.client.app import app as honest_client_app
+from fedlora.server.app import make_server_app
+from fedlora.flower.attacks import attacking_client_app
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -37,8 +41,6 @@ def quiet_flower() -> None:
 
 def resume_config(out: str) -> RunConfig:
     """The configuration a run in ``out`` was started with."""
-    import json
-
     path = Path(out) / "config.json"
     if not path.is_file():
         raise UserError(f"nothing to resume in {out}: no config.json")
@@ -46,19 +48,14 @@ def resume_config(out: str) -> RunConfig:
         cfg = RunConfig.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise UserError(f"unreadable {path}: {exc}") from None
-    cfg.out = out
     return cfg
 
 
-def simulate(cfg: RunConfig, progress=print, resume: bool = False) -> Path:
-    from flwr.simulation import run_simulation
-
-    from fedlora.client.app import app as client_app
-    from fedlora.server.app import make_server_app
+def simulate(cfg: RunConfig, out_dir: Path | None = None, progress=print, resume: bool = False) -> Path:
+    from flwr.simulation import run_simulation  # lazy: Ray starts with the simulation module
 
     check_inputs(cfg)
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
-    cfg.out = str(out_dir)  # simulated clients keep their privacy accountants under it
+    out_dir = out_dir or (Path(cfg.out) if cfg.out else default_out_dir(cfg))
     cpus = os.cpu_count() or 1
     progress(f"fedlora simulate: {cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds -> {out_dir}")
     quiet_flower()
@@ -74,10 +71,10 @@ def simulate(cfg: RunConfig, progress=print, resume: bool = False) -> Path:
         },
     }
     if cfg.attack_clients:
-        from fedlora.attacks import attacking_client_app
-
         progress(f"simulated attack: client(s) {list(cfg.attack_clients)} send {cfg.attack_kind!r} updates (scale {cfg.attack_scale:g})")
         client_app = attacking_client_app()
+    else:
+        client_app = honest_client_app
     run_simulation(
         server_app=make_server_app(cfg, out_dir, progress, resume),
         client_app=client_app,
