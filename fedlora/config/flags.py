@@ -74,3 +74,17 @@ def show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def options_table(command: str = "simulate") -> str:
+    """The README's table of ``command``'s run options, one row per group, each with its default."""
+    rows = ["| group | options (default) |", "|---|---|"]
+    for group in GROUPS:
+        cells = [
+            f"`{flag.name}` ({default_text(s).removeprefix('default').lstrip(': ') or 'none'})"
+            for s in SCHEMA
+            if s.group == group and (flag := s.flag(command)) is not None
+        ]
+        if cells:
+            rows.append(f"| {group.title} | {', '.join(cells)} |")
+    return "\n".join(rows)
