@@ -19,23 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.config import RunConfig
+from fedlora.errors import UserError
+from fedlora.flower.messages import FACTS, HELD_DIGEST, PHASE_INIT, RECORD, RESYNC, RunFacts
 from fedlora.io import wire
+from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
+from fedlora.io.report import write_json_atomic
 from fedlora.ml import privacy
 from fedlora.ml.adapters import adapter_state, reset_adapters, set_trainable
-from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
-from fedlora.config import RunConfig
 from fedlora.ml.data import align_labels
-from fedlora.errors import UserError
-from fedlora.io.report import write_json_atomic
+from fedlora.ml.task import adapted_model, load_splits, load_task_data, tokenizer_for
+from fedlora.ml.training import LocalData, train_local, weight_gradients
 from fedlora.strategies import build_strategy, init_batches
 from fedlora.strategies.base import AdapterStrategy, State, held_digest
-from fedlora.flower.messages import FACTS, HELD_DIGEST, PHASE_INIT, RECORD, RESYNC, RunFacts
-from fedlora.ml.task import adapted_model, load_splits, load_task_data, lora_spec, tokenizer_for
-from fedlora.ml.training import LocalData, train_local, weight_gradients
 
 app = ClientApp()
 log = logging.getLogger("fedlora")
@@ -175,7 +174,9 @@ def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int, strategy
         return
     delta = own.delta_for(num_examples)
     if cfg.dp_delta > delta:
-        raise Declined("dp-delta-refused", f"the coordinator asks for delta {cfg.dp_delta:g}, this agent allows at most {delta:g}")
+        raise Declined(
+            "dp-delta-refused", f"the coordinator asks for delta {cfg.dp_delta:g}, this agent allows at most {delta:g}"
+        )
     steps = privacy.planned_steps(cfg.rounds, cfg.local_steps, init_batches(strategy, cfg))
     if steps > own.max_steps:
         raise Declined("dp-steps-refused", f"the run plans {steps} DP steps, this agent allows at most {own.max_steps}")
@@ -265,14 +266,25 @@ def read_request(msg: Message, context: Context, deployed: bool) -> Request:
     facts = RunFacts.from_json(str(record.get(FACTS, "{}")))
     strategy = build_strategy(cfg)
     if deployed:
-        check_request(cfg, AgentPrivacy.from_node(context.node_config), int(context.node_config.get("num-examples", 0) or 0), strategy)
+        check_request(
+            cfg,
+            AgentPrivacy.from_node(context.node_config),
+            int(context.node_config.get("num-examples", 0) or 0),
+            strategy,
+        )
     setup = local_setup(cfg, facts, context)
     state = merge_held(context, strategy, wire.decode(record["payload"]).tensors, setup.held_file)
     if HELD_DIGEST in record and held_digest(strategy, state) != record[HELD_DIGEST]:
         raise Declined(RESYNC, "this client lacks tensors the coordinator sent before")
     wire_dtype = str(record.get("wire_dtype", "fp32"))
     return Request(
-        cfg, strategy, setup, state, int(record["round"]), record.get("phase") == PHASE_INIT, wire_dtype,
+        cfg,
+        strategy,
+        setup,
+        state,
+        int(record["round"]),
+        record.get("phase") == PHASE_INIT,
+        wire_dtype,
         str(record.get("init_dtype", wire_dtype)),
     )
 
@@ -288,52 +300,112 @@ def plan_privacy(req: Request, history: privacy.History) -> privacy.DPPlan | Non
     steps = cfg.init_batches if req.is_init else cfg.local_steps
     if privacy.would_exceed(history, dp, steps):
         spent = privacy.epsilon_of(history, dp.delta)
-        raise Declined("privacy-budget", f"{steps} more steps would exceed epsilon {dp.epsilon} (spent {spent:.3f})", spent)
+        raise Declined(
+            "privacy-budget", f"{steps} more steps would exceed epsilon {dp.epsilon} (spent {spent:.3f})", spent
+        )
     return dp
+
+
+@dataclass
+class LocalRun:
+    """What this message's local work runs with, once the request is accepted."""
+
+    net: torch.nn.Module
+    tokenizer: object
+    seed: int  # model-side randomness (dropout, adapter init, batch order)
+    run_seed: int  # DP noise and Poisson sampling: the seed in simulation, secret when deployed
+    dp: privacy.DPPlan | None
+    history: privacy.History
+    header: dict
+
+
+def start_local_run(req: Request, context: Context) -> LocalRun:
+    cfg, strategy, setup = req.cfg, req.strategy, req.setup
+    spec = strategy.client_spec(setup.rank)
+    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task, cfg.pooling).to(setup.device)
+    seed = cfg.seed * 1_000_003 + req.round_num * 1_009 + setup.index
+    history = read_history(context, setup)
+    dp = plan_privacy(req, history)
+    run_seed = seed if dp is None or setup.simulated else secrets.randbits(63)
+    header = {"strategy": strategy.name, "round_num": req.round_num, "num_examples": len(setup.data)}
+    if dp is not None and not setup.simulated:
+        # the count is the aggregation weight: only as fine as the public sample rate
+        header["num_examples"] = round(cfg.batch_size / dp.sample_rate)
+    return LocalRun(net, tokenizer_for(cfg.model, cfg.task), seed, run_seed, dp, history, header)
 
 
 def _train(msg: Message, context: Context, deployed: bool) -> Message:
     handler_start = time.perf_counter()
     req = read_request(msg, context, deployed)
-    cfg, strategy, setup = req.cfg, req.strategy, req.setup
-    net = adapted_model(cfg.model, setup.num_labels, strategy.client_spec(setup.rank), cfg.task, cfg.pooling).to(setup.device)
-    seed = cfg.seed * 1_000_003 + req.round_num * 1_009 + setup.index
-    history = read_history(context, setup)
-    dp = plan_privacy(req, history)
-    # DP noise and Poisson sampling: seeded in simulation, unpredictable to anyone else when deployed
-    run_seed = seed if dp is None or setup.simulated else secrets.randbits(63)
-    header = {"strategy": strategy.name, "round_num": req.round_num, "num_examples": len(setup.data), "wire_dtype": req.wire_dtype}
-    if dp is not None and not setup.simulated:  # the count is the aggregation weight: only as fine as the public sample rate
-        header["num_examples"] = round(cfg.batch_size / dp.sample_rate)
-    tokenizer = tokenizer_for(cfg.model, cfg.task)
+    run = start_local_run(req, context)
     if req.is_init:
-        reset_adapters(net)  # no adapter effect: the gradient is the base model's
-        strategy.materialize(net, req.state)
-        grads, history = weight_gradients(
-            net, tokenizer, setup.data, dp=dp, history=history, batches=cfg.init_batches, seed=run_seed,
-            batch_size=cfg.batch_size, max_length=cfg.max_length, device=setup.device,
-        )
-        save_history(context, setup, dp, history)
-        blob = wire.encode(strategy.init_reply(grads), kind="init", dp=dp_stats(dp, history), **{**header, "wire_dtype": req.init_dtype})
-        return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(dp, history)}), reply_to=msg)
-    strategy.prepare_client_model(net, req.state, seed)
-    set_trainable(net, strategy.trained_roles)
+        return Message(init_reply(req, run, context), reply_to=msg)
+    return Message(train_reply(req, run, context, handler_start), reply_to=msg)
+
+
+def init_reply(req: Request, run: LocalRun, context: Context) -> RecordDict:
+    """The federated initialisation's reply: this client's full-weight gradients, sketched."""
+    cfg, setup = req.cfg, req.setup
+    reset_adapters(run.net)  # no adapter effect: the gradient is the base model's
+    req.strategy.materialize(run.net, req.state)
+    grads, history = weight_gradients(
+        run.net,
+        run.tokenizer,
+        setup.data,
+        dp=run.dp,
+        history=run.history,
+        batches=cfg.init_batches,
+        seed=run.run_seed,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        device=setup.device,
+    )
+    save_history(context, setup, run.dp, history)
+    blob = wire.encode(
+        req.strategy.init_reply(grads),
+        kind="init",
+        dp=dp_stats(run.dp, history),
+        wire_dtype=req.init_dtype,
+        **run.header,
+    )
+    return RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(run.dp, history)})
+
+
+def train_reply(req: Request, run: LocalRun, context: Context, handler_start: float) -> RecordDict:
+    """A training round's reply: the trained adapter pieces and what the client may report."""
+    cfg, strategy, setup, dp = req.cfg, req.strategy, req.setup, run.dp
+    strategy.prepare_client_model(run.net, req.state, run.seed)
+    set_trainable(run.net, strategy.trained_roles)
     stats, history = train_local(
-        net, tokenizer, setup.data, dp=dp, history=history, seed=run_seed, steps=cfg.local_steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length, device=setup.device,
+        run.net,
+        run.tokenizer,
+        setup.data,
+        dp=dp,
+        history=run.history,
+        seed=run.run_seed,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        max_length=cfg.max_length,
+        device=setup.device,
     )
     save_history(context, setup, dp, history)
-    blob = wire.encode_update(adapter_state(net, strategy.sent_roles), dp=dp_stats(dp, history), **header)
+    update = adapter_state(run.net, strategy.sent_roles)
+    blob = wire.encode_update(update, dp=dp_stats(dp, history), wire_dtype=req.wire_dtype, **run.header)
     if dp is not None and not setup.simulated:  # nothing un-noised about the data: the DP statistics only
-        metrics = epsilon_metric(dp, history)
-    else:
-        metrics = MetricRecord(
-            {"loss": stats.loss, "num-examples": len(setup.data), "train-seconds": stats.seconds,
-             "train-examples": stats.examples, "train-tokens": stats.tokens}
-        )
-        metrics.update(epsilon_metric(dp, history))
-        metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode
-    return Message(RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": metrics}), reply_to=msg)
+        return RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": epsilon_metric(dp, history)})
+    metrics = MetricRecord(
+        {
+            "loss": stats.loss,
+            "num-examples": len(setup.data),
+            "train-seconds": stats.seconds,
+            "train-examples": stats.examples,
+            "train-tokens": stats.tokens,
+        }
+    )
+    metrics.update(epsilon_metric(dp, history))
+    metrics["client-seconds"] = time.perf_counter() - handler_start  # training plus decode, set-up and encode
+    return RecordDict({RECORD: ConfigRecord({"payload": blob}), "metrics": metrics})
 
 
 def save_history(context: Context, setup: LocalSetup, dp: privacy.DPPlan | None, history: privacy.History) -> None:

@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 from fedlora.config import POOLINGS, WIRE_DTYPES
+from fedlora.strategies import STRATEGY_NAMES as STRATEGIES
 
-STRATEGIES = ("fedavg", "ffa", "flora", "fedsb")
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 # A small head (the classifier) and LoRA on BERT's pooler, so that the adapter payload,
@@ -110,9 +110,18 @@ def run_strategy(strategy: str, settings: dict, out_dir: Path, options: dict) ->
     lines = ["[fedlora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     cfg_path.write_text("\n".join(lines) + "\n")
     cmd = [
-        sys.executable, "-m", "fedlora.cli", "simulate", "--config", str(cfg_path), "--strategy", strategy,
+        sys.executable,
+        "-m",
+        "fedlora.cli",
+        "simulate",
+        "--config",
+        str(cfg_path),
+        "--strategy",
+        strategy,
         *[arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", str(value))],
-        "--out", str(out_dir), "--overwrite",
+        "--out",
+        str(out_dir),
+        "--overwrite",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -192,7 +201,9 @@ def mb(n: int | None) -> str:
     return "not reached" if n is None else f"{n / 1e6:.2f} MB"
 
 
-def report(name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path, plot_title: str) -> str:
+def report(
+    name: str, results: dict[str, tuple[list[dict], dict]], target: float, plot_path: Path, plot_title: str
+) -> str:
     base_metrics, base_summary = baseline(results)
     base_total = total_bytes(base_summary)
     base_round = base_metrics[-1]["bytes_up"] + base_metrics[-1]["bytes_down"]
@@ -261,14 +272,28 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", default="runs/strategy-benchmark")
-    parser.add_argument("--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)")
-    parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --out instead of running")
-    parser.add_argument("--reuse", action="store_true", help="keep the runs in --out that finished with the same settings")
+    parser.add_argument(
+        "--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="tabulate the runs already in --out instead of running"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the runs in --out that finished with the same settings"
+    )
     parser.add_argument("--lr", default="", help="learning rates other than the defaults, e.g. fedsb=1e-2,fedavg=3e-3")
     parser.add_argument("--rank", default="", help="ranks other than the common 16, e.g. fedsb=24")
-    parser.add_argument("--init-dtype", choices=WIRE_DTYPES, help="fedlora simulate --init-dtype for ffa and fedsb, e.g. bf16 (default: their wire dtype)")
-    parser.add_argument("--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>")
+    parser.add_argument(
+        "--init-dtype",
+        choices=WIRE_DTYPES,
+        help="fedlora simulate --init-dtype for ffa and fedsb, e.g. bf16 (default: their wire dtype)",
+    )
+    parser.add_argument(
+        "--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)"
+    )
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>"
+    )
     args = parser.parse_args()
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
@@ -280,7 +305,9 @@ def main() -> int:
     ranks = per_strategy(parser, "--rank", args.rank, int)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    strategies = ["fedavg"] + [s for s in args.strategies.split(",") if s and s != "fedavg"]  # fedavg first: the baseline
+    strategies = ["fedavg"] + [
+        s for s in args.strategies.split(",") if s and s != "fedavg"
+    ]  # fedavg first: the baseline
     with tempfile.TemporaryDirectory() as tmp:
         datasets = {}
         if "bbc" in args.datasets:
@@ -298,7 +325,15 @@ def main() -> int:
                 suffix = f"-seed{seed}" if seed else ""
                 results = by_seed[seed] = {}
 
-                def obtain(strategy: str, run_dir: Path, dtype: str = "fp32") -> None:
+                def obtain(
+                    strategy: str,
+                    run_dir: Path,
+                    dtype: str = "fp32",
+                    settings=settings,
+                    name=name,
+                    seed=seed,
+                    results=results,
+                ) -> None:
                     options = strategy_options(strategy, lrs, ranks, dtype, args.init_dtype)
                     label = run_label(strategy, options)
                     if args.reuse and finished_with(run_dir, settings, strategy, options):

@@ -143,7 +143,7 @@ def merged_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return deltas
 
 
-def held_digest(strategy: "AdapterStrategy", state: Mapping[str, torch.Tensor]) -> str:
+def held_digest(strategy: AdapterStrategy, state: Mapping[str, torch.Tensor]) -> str:
     """Which persistent tensors (frozen A/B, merge history) a state holds, by name and shape:
     the coordinator sends the digest of what a client should hold once it has merged the
     message, and a client whose own differs (a restarted agent) asks to be sent it all."""
@@ -151,7 +151,7 @@ def held_digest(strategy: "AdapterStrategy", state: Mapping[str, torch.Tensor]) 
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-class AdapterStrategy(ABC):
+class AdapterStrategy:
     """One federated LoRA algorithm, free of Flower."""
 
     name: str = ""
@@ -163,7 +163,7 @@ class AdapterStrategy(ABC):
         self.module_shapes: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> "AdapterStrategy":
+    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> AdapterStrategy:
         """The strategy a run's settings ask for; override to read more than the adapter shape."""
         return cls(spec)
 
@@ -207,7 +207,11 @@ class AdapterStrategy(ABC):
 
     def expected_update_shapes(self, global_state: State) -> dict[str, Shape]:
         """Names and shapes a valid client update must carry."""
-        return {n: tuple(t.shape) for n, t in global_state.items() if role_of(n) in self.sent_roles and not n.startswith("merged.")}
+        return {
+            n: tuple(t.shape)
+            for n, t in global_state.items()
+            if role_of(n) in self.sent_roles and not n.startswith("merged.")
+        }
 
     def check_update(self, tensors: State) -> None:
         """Strategy-specific checks beyond names and shapes; raise UpdateRejected."""
@@ -271,13 +275,15 @@ class AdapterStrategy(ABC):
     def export_adapter(self, global_state: State) -> tuple[State, float]:
         """The global state as one standard LoRA (A, B, head) and its scaling, for PEFT export."""
         state = {n: t for n, t in global_state.items() if not n.startswith("merged.")}
-        for name, r in list(state.items()):
+        for name in list(state):
             if role_of(name) == ROLE_R:  # Fed-SB: B @ R @ A as B' = B @ R
                 b_name = f"{module_of(name)}.{ROLE_B}.weight"
                 state[b_name] = state[b_name] @ state.pop(name)
         return state, self.spec.scaling
 
-    def exact_target(self, global_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float]) -> dict[str, torch.Tensor]:
+    def exact_target(
+        self, global_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
         """The data-weighted mean of the clients' dense updates, Σ p_k ΔW_k."""
         return mean_of_deltas([lora_deltas({**global_state, **u.state}, self.spec.alpha) for u in updates], ws)
 
@@ -286,8 +292,9 @@ def with_rank(spec: LoRASpec, rank: int, with_r: bool | None = None) -> LoRASpec
     return replace(spec, rank=rank, with_r=spec.with_r if with_r is None else with_r)
 
 
-class PerClientRank(ABC):
-    """A strategy whose clients may each train at their own LoRA rank (``--ranks``)."""
+class PerClientRank:
+    """A strategy whose clients may each train at their own LoRA rank (``--ranks``): a
+    declaration the registry checks, with no methods of its own."""
 
 
 class FederatedInit(ABC):

@@ -7,12 +7,13 @@ from collections import Counter
 
 import pytest
 import torch
-
 from causal_helpers import arithmetic_rows, make_tiny_llama, write_jsonl
+
 from fedlora.cli import main
 from fedlora.errors import UserError
-from fedlora.ml.instructions import IGNORE, InstructionDataset, encode_pair, final_number, load_instruction_file
 from fedlora.ml.generation import exact_match
+from fedlora.ml.instructions import IGNORE, InstructionDataset, encode_pair, final_number, load_instruction_file
+from fedlora.strategies import STRATEGY_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +31,21 @@ def tokenizer(llama):
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qa")
-    return write_jsonl(folder / "train.jsonl", arithmetic_rows(120, 2)), write_jsonl(folder / "test.jsonl", arithmetic_rows(24, 3))
+    return write_jsonl(folder / "train.jsonl", arithmetic_rows(120, 2)), write_jsonl(
+        folder / "test.jsonl", arithmetic_rows(24, 3)
+    )
 
 
 def test_gsm8k_and_instruction_files_are_read_with_their_own_field_names(tmp_path):
     gsm = load_instruction_file(write_jsonl(tmp_path / "g.jsonl", arithmetic_rows(3)))
     assert gsm.prompts[0].startswith("What is") and gsm.responses[0].endswith(gsm.responses[0].split("#### ")[1])
-    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "chat", "output": "cat"}, {"instruction": "Say hi", "input": "", "output": "hi"}])
+    alpaca = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Translate", "input": "chat", "output": "cat"},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+        ],
+    )
     data = load_instruction_file(alpaca)
     assert data.prompts == ["Translate\n\nchat", "Say hi"] and data.responses == ["cat", "hi"]
     custom = write_jsonl(tmp_path / "c.jsonl", [{"q": "a?", "r": "b"}])
@@ -67,7 +76,9 @@ def test_loss_is_a_mean_per_sample_then_over_the_batch(llama, tokenizer):
     from fedlora.ml.models import load_causal_lm
 
     model = load_causal_lm(str(llama))
-    data = InstructionDataset(["What is 1 plus 1?", "What is 10 plus 20?"], ["1 + 1 = 2", "10 + 20 = 30 and that is a longer answer"])
+    data = InstructionDataset(
+        ["What is 1 plus 1?", "What is 10 plus 20?"], ["1 + 1 = 2", "10 + 20 = 30 and that is a longer answer"]
+    )
     inputs, labels = data.batch(tokenizer, [0, 1], 64)
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -93,17 +104,43 @@ def simulate(tmp_path, llama, data_files, *extra):
     train, test = data_files
     out = tmp_path / "run"
     args = [
-        "simulate", "--task", "causal-lm", "--model", str(llama), "--data", str(train), "--eval-data", str(test),
-        "--clients", "2", "--rounds", "2", "--local-steps", "2", "--batch-size", "8", "--max-length", "48",
-        "--max-new-tokens", "8", "--generation-eval-examples", "6", "--init-batches", "1", "--lr", "1e-2",
-        "--out", str(out), *extra,
+        "simulate",
+        "--task",
+        "causal-lm",
+        "--model",
+        str(llama),
+        "--data",
+        str(train),
+        "--eval-data",
+        str(test),
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "48",
+        "--max-new-tokens",
+        "8",
+        "--generation-eval-examples",
+        "6",
+        "--init-batches",
+        "1",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(out),
+        *extra,
     ]
     assert main(args) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, metrics, json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa", "flora", "fedsb"])
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_every_strategy_tunes_a_decoder(tmp_path, llama, data_files, strategy):
     extra = ["--ranks", "4,8"] if strategy == "flora" else []
     out, metrics, summary = simulate(tmp_path, llama, data_files, "--strategy", strategy, *extra)
@@ -122,8 +159,8 @@ def test_every_strategy_tunes_a_decoder(tmp_path, llama, data_files, strategy):
 def test_exported_decoder_adapter_loads_in_peft_with_the_same_logits(tmp_path, llama, data_files, tokenizer, capsys):
     from peft import PeftModel
 
-    from fedlora.ml.models import load_causal_lm
     from fedlora.io.runs import load_run
+    from fedlora.ml.models import load_causal_lm
 
     out, _, summary = simulate(tmp_path, llama, data_files, "--strategy", "fedsb")
     capsys.readouterr()
@@ -156,7 +193,12 @@ def test_causal_lm_needs_data_and_known_columns(tmp_path, llama, capsys):
     assert main(["simulate", "--task", "causal-lm", "--model", str(llama), "--out", str(tmp_path / "r")]) == 2
     assert "needs --data" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "label": "y"}] * 4)
-    assert main(["simulate", "--task", "causal-lm", "--model", str(llama), "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            ["simulate", "--task", "causal-lm", "--model", str(llama), "--data", str(bad), "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
     assert "no column one of instruction/prompt/question" in capsys.readouterr().err
     assert main(["simulate", "--task", "translate", "--out", str(tmp_path / "r")]) == 2
     assert "unknown task" in capsys.readouterr().err
@@ -164,7 +206,22 @@ def test_causal_lm_needs_data_and_known_columns(tmp_path, llama, capsys):
 
 def test_partition_writes_prompt_response_files_that_load_back(tmp_path, data_files, capsys):
     train, _ = data_files
-    assert main(["partition", "--task", "causal-lm", "--data", str(train), "--clients", "3", "--out", str(tmp_path / "parts")]) == 0
+    assert (
+        main(
+            [
+                "partition",
+                "--task",
+                "causal-lm",
+                "--data",
+                str(train),
+                "--clients",
+                "3",
+                "--out",
+                str(tmp_path / "parts"),
+            ]
+        )
+        == 0
+    )
     parts = [load_instruction_file(tmp_path / "parts" / f"client-{i}.jsonl") for i in (1, 2, 3)]
     original = load_instruction_file(train)
     held_out = round(len(original) * 0.2)  # the default test fraction stays out of every client file

@@ -8,7 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the installed package name of each top-level source folder (pyproject's package-dir)
-FOLDERS = {"fedlora": "fedlora", "strategies": "fedlora.strategies", "server": "fedlora.server", "client": "fedlora.client"}
+FOLDERS = {
+    "fedlora": "fedlora",
+    "strategies": "fedlora.strategies",
+    "server": "fedlora.server",
+    "client": "fedlora.client",
+}
 # lowest first; a module may import its own layer and the ones below it
 LAYERS = [
     ("base", ("fedlora", "fedlora.errors", "fedlora.untrusted")),
@@ -58,7 +63,9 @@ def imports(path: Path) -> list[tuple[ast.stmt, str, bool]]:
             if isinstance(child, ast.Import):
                 found.extend((child, alias.name, nested) for alias in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                names = [f"{child.module}.{a.name}" for a in child.names] if child.module == "fedlora" else [child.module]
+                names = (
+                    [f"{child.module}.{a.name}" for a in child.names] if child.module == "fedlora" else [child.module]
+                )
                 found.extend((child, name, nested) for name in names)
             visit(child, inner)
 
@@ -77,7 +84,9 @@ def test_imports_run_downward_only():
         own = layer_of(name)
         for stmt, target, _ in imports(path):
             if target.startswith("fedlora") and layer_of(target) > own:
-                upward.append(f"{path.relative_to(ROOT)}:{stmt.lineno} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer_of(target)][0]})")
+                upward.append(
+                    f"{path.relative_to(ROOT)}:{stmt.lineno} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
     assert not upward, "\n".join(upward)
 
 
@@ -86,7 +95,11 @@ def test_flower_is_imported_at_the_edge_only():
     inside = []
     for name, path in modules().items():
         if layer_of(name) < edge:
-            inside += [f"{path.relative_to(ROOT)}:{s.lineno}" for s, target, _ in imports(path) if target.split(".")[0] == "flwr"]
+            inside += [
+                f"{path.relative_to(ROOT)}:{s.lineno}"
+                for s, target, _ in imports(path)
+                if target.split(".")[0] == "flwr"
+            ]
     assert not inside, "flwr imported below the Flower edge: " + ", ".join(inside)
 
 
@@ -107,3 +120,17 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     found = imports(probe)
     assert [(t, n) for _, t, n in found] == [("os", False), ("fedlora.cli", True)]
     assert layer_of("fedlora.cli") > layer_of("fedlora.ml.training") > layer_of("fedlora.config")
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "split these: " + ", ".join(long)

@@ -6,16 +6,40 @@ import json
 import pytest
 import torch
 
-from fedlora.cli import main
+from fedlora.cli import build_parser, main, run_config_from_args
 
 METRIC_KEYS = {
-    "round", "strategy", "accuracy", "loss", "clients", "rejected", "bytes_up",
-    "bytes_down", "aggregation_error", "epsilon", "seconds", "train_seconds", "client_seconds",
-    "aggregate_seconds", "eval_seconds", "eval_examples", "train_tokens",
+    "round",
+    "strategy",
+    "accuracy",
+    "loss",
+    "clients",
+    "rejected",
+    "bytes_up",
+    "bytes_down",
+    "aggregation_error",
+    "epsilon",
+    "seconds",
+    "train_seconds",
+    "client_seconds",
+    "aggregate_seconds",
+    "eval_seconds",
+    "eval_examples",
+    "train_tokens",
 }
 SUMMARY_KEYS = {
-    "strategy", "rounds", "num_clients", "model", "dataset", "final_accuracy",
-    "bytes_up_total", "bytes_down_total", "epsilon", "seconds", "final_loss", "final_eval_examples",
+    "strategy",
+    "rounds",
+    "num_clients",
+    "model",
+    "dataset",
+    "final_accuracy",
+    "bytes_up_total",
+    "bytes_down_total",
+    "epsilon",
+    "seconds",
+    "final_loss",
+    "final_eval_examples",
     "final_eval_seconds",
 }
 
@@ -24,14 +48,37 @@ SUMMARY_KEYS = {
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
     cfg = tmp_path_factory.mktemp("cfg") / "small.toml"
-    cfg.write_text("[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nround_eval_examples = 16\nmax_length = 32\n")
-    code = main(["simulate", "--clients", "2", "--rounds", "1", "--out", str(out), "--config", str(cfg)])
+    cfg.write_text(
+        "[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nround_eval_examples = 16\nmax_length = 32\n"
+    )
+    code = main(run_args(out, cfg))
     assert code == 0
     return out
 
 
+def run_args(out, cfg) -> list[str]:
+    return ["simulate", "--clients", "2", "--rounds", "1", "--out", str(out), "--config", str(cfg)]
+
+
+def test_the_saved_config_is_the_users_settings_alone(run_dir, tmp_path):
+    """The run learns its labels and resolves paths, but writes none of it into the settings."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(
+        "[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nround_eval_examples = 16\nmax_length = 32\n"
+    )
+    given = run_config_from_args(build_parser().parse_args(run_args(run_dir, cfg)), "simulate")
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved == given.to_dict() and "labels" not in saved
+
+
 def test_output_files(run_dir):
-    for name in ("metrics.jsonl", "summary.json", "report.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "metrics.jsonl",
+        "summary.json",
+        "report.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
 
 
@@ -61,10 +108,10 @@ def test_final_accuracy_is_the_exported_adapter_on_the_whole_held_out_split(run_
     from peft import PeftModel
 
     from fedlora.config import RunConfig
+    from fedlora.ml.evaluation import seeded_slice
     from fedlora.ml.models import load_classifier, load_tokenizer
     from fedlora.ml.task import load_splits
     from fedlora.ml.training import evaluate
-    from fedlora.ml.evaluation import seeded_slice
 
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     held_out = seeded_slice(load_splits(cfg).test, 40, cfg.seed)
@@ -79,22 +126,24 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(run_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from fedlora.ml.adapters import load_adapter_state
     from fedlora.config import RunConfig
     from fedlora.io.export import PEFT_PREFIX
+    from fedlora.ml.adapters import load_adapter_state
     from fedlora.ml.models import load_classifier, load_tokenizer
     from fedlora.ml.task import adapted_model, lora_spec
 
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    state = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}
+    state = {k[len(PEFT_PREFIX) :]: v for k, v in tensors.items()}
     ours = adapted_model(None, 5, lora_spec(cfg))
     load_adapter_state(ours, state)
 
     peft_model = PeftModel.from_pretrained(load_classifier(None, 5), str(run_dir / "adapter"))
     peft_model.eval()
     tok = load_tokenizer(None)
-    batch = tok(["The central bank raised interest rates.", "The striker scored twice."], return_tensors="pt", padding=True)
+    batch = tok(
+        ["The central bank raised interest rates.", "The striker scored twice."], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         diff = (peft_model(**batch).logits - ours(**batch).logits).abs().max().item()
     assert diff < 1e-4
