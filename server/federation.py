@@ -50,7 +50,9 @@ class GlobalEvaluator:
         cfg = self.cfg
         model = adapted_model(cfg.model, self.num_labels, self.strategy.spec, cfg.task, cfg.pooling)
         self.strategy.materialize(model, global_state)
-        return evaluate_global_model(model.to(self.device), self.tokenizer, cfg, examples, final=final, device=self.device)
+        return evaluate_global_model(
+            model.to(self.device), self.tokenizer, cfg, examples, final=final, device=self.device
+        )
 
     def final(self, records: list[RoundRecord], global_state: dict, progress: Progress) -> dict:
         """The final scores on the whole held-out split: rounds evaluated a slice of it, and
@@ -59,13 +61,23 @@ class GlobalEvaluator:
             return {"final_accuracy": None, "final_loss": None, "final_eval_examples": 0, "final_eval_seconds": 0.0}
         if len(self.round_test) == len(self.test) and self.cfg.task != "causal-lm":
             last = records[-1]
-            return {"final_accuracy": last.accuracy, "final_loss": last.loss, "final_eval_examples": len(self.test),
-                    "final_eval_seconds": 0.0}
+            return {
+                "final_accuracy": last.accuracy,
+                "final_loss": last.loss,
+                "final_eval_examples": len(self.test),
+                "final_eval_seconds": 0.0,
+            }
         t0 = time.perf_counter()
         scores = self.scores(global_state, self.test, final=True)
-        progress(f"final evaluation on all {len(self.test)} held-out examples: "
-                 + format_scores(scores["accuracy"], scores["loss"], scores.get("perplexity")))
-        out = {"final_accuracy": scores["accuracy"], "final_loss": scores["loss"], "final_eval_examples": len(self.test)}
+        progress(
+            f"final evaluation on all {len(self.test)} held-out examples: "
+            + format_scores(scores["accuracy"], scores["loss"], scores.get("perplexity"))
+        )
+        out = {
+            "final_accuracy": scores["accuracy"],
+            "final_loss": scores["loss"],
+            "final_eval_examples": len(self.test),
+        }
         if "perplexity" in scores:
             out["final_perplexity"] = scores["perplexity"]
             out["generation_examples"] = scores["generation_examples"]
@@ -82,8 +94,15 @@ class Federation:
     """
 
     def __init__(
-        self, grid: Grid, cfg: RunConfig, out_dir: Path, *, progress: Progress = print, resume: bool = False,
-        stale_nodes_s: float = 0.0, client_state_dir: Path | None = None,
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        out_dir: Path,
+        *,
+        progress: Progress = print,
+        resume: bool = False,
+        stale_nodes_s: float = 0.0,
+        client_state_dir: Path | None = None,
     ):
         self.grid, self.cfg, self.out_dir, self.progress = grid, cfg, out_dir, progress
         self.resume, self.stale_nodes_s, self.client_state_dir = resume, stale_nodes_s, client_state_dir
@@ -113,14 +132,18 @@ class Federation:
         cfg = self.cfg
         self.splits = load_splits(cfg)
         self.strategy = build_strategy(cfg)
-        initial = initial_adapter_state(cfg.model, len(self.splits.label_names), self.strategy.spec, cfg.seed, cfg.task, cfg.pooling)
+        initial = initial_adapter_state(
+            cfg.model, len(self.splits.label_names), self.strategy.spec, cfg.seed, cfg.task, cfg.pooling
+        )
         global_state = self.strategy.setup(initial)
         if checkpoint:
             global_state = checkpoint[0]
             self.progress(f"resuming {self.out_dir} after round {self.done}")
         if cfg.dp_epsilon is not None and cfg.task == "classify" and cfg.pooling == "pooler":
-            self.progress("note: under DP noise a classifier on BERT's pooler output tends to predict one class; "
-                          "--pooling mean (and --target-modules without pooler.dense) learns (docs/design.md: Differential privacy)")
+            self.progress(
+                "note: under DP noise a classifier on BERT's pooler output tends to predict one class; "
+                "--pooling mean (and --target-modules without pooler.dense) learns (docs/design.md: Differential privacy)"
+            )
         self.bridge = self._bridge(global_state, checkpoint[1].get("robust_reference") if checkpoint else None)
         self.evaluator = GlobalEvaluator(cfg, self.strategy, self.splits)
         settle_s = max(0.0, self.stale_nodes_s - (time.perf_counter() - self.start))
@@ -185,7 +208,9 @@ class Federation:
     def run_round(self, rnd: int) -> RoundRecord:
         t0 = time.perf_counter()
         bridge = self.bridge
-        replies = self.grid.send_and_receive(bridge.configure_train(rnd, None, None, self.grid), timeout=REPLY_TIMEOUT_S)
+        replies = self.grid.send_and_receive(
+            bridge.configure_train(rnd, None, None, self.grid), timeout=REPLY_TIMEOUT_S
+        )
         t_agg = time.perf_counter()
         bridge.aggregate_train(rnd, replies)
         t_eval = time.perf_counter()
@@ -268,7 +293,8 @@ def federated_init(grid: Grid, bridge: FlowerStrategy, progress: Progress) -> di
         bytes_up, bytes_down = bytes_up + s.bytes_up, bytes_down + s.bytes_down
         progress(
             f"init: {bridge.strategy.name} initialisation from {s.clients} clients  rejected {s.rejected}"
-            + (f"  clipped {s.clipped}" if s.clipped else "") + (f"  declined {s.declined}" if s.declined else "")
+            + (f"  clipped {s.clipped}" if s.clipped else "")
+            + (f"  declined {s.declined}" if s.declined else "")
             + (f"  failed {s.failed}" if s.failed else "")
             + f"  up {s.bytes_up / 1e6:.2f} MB  down {s.bytes_down / 1e6:.2f} MB  {time.perf_counter() - t0:.1f}s"
             + ("" if done else f"  (no valid contribution, attempt {attempt} of {INIT_ATTEMPTS})")

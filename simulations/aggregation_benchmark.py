@@ -42,12 +42,16 @@ def initial_state(rank: int) -> dict[str, torch.Tensor]:
 
 def random_update(cid: int, expected: dict, rank: int) -> ClientUpdate:
     g = torch.Generator().manual_seed(cid + 1)
-    tensors = {n: torch.randn([rank if d is None else d for d in shape], generator=g) * 0.01 for n, shape in expected.items()}
+    tensors = {
+        n: torch.randn([rank if d is None else d for d in shape], generator=g) * 0.01 for n, shape in expected.items()
+    }
     return ClientUpdate(cid, tensors, 50 + cid % 17)
 
 
 def time_strategy(name: str, n: int, rank: int) -> tuple[float, float]:
-    spec = LoRASpec(rank=rank, alpha=2.0 * rank, target_modules=("query", "value"), head_modules=("classifier", "pooler"))
+    spec = LoRASpec(
+        rank=rank, alpha=2.0 * rank, target_modules=("query", "value"), head_modules=("classifier", "pooler")
+    )
     strategy = make_strategy(name, spec)
     state = strategy.setup(initial_state(rank))
     if name == "fedsb":  # stand-in for the federated initialisation: orthonormal A and B

@@ -30,7 +30,18 @@ def run(out: Path, name: str, strategy: str, extra: list[str], reuse: bool) -> f
     folder = out / name
     summary = folder / "summary.json"
     if not (reuse and summary.is_file()):
-        cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--strategy", strategy, "--out", str(folder), "--overwrite", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedlora.cli",
+            "simulate",
+            "--strategy",
+            strategy,
+            "--out",
+            str(folder),
+            "--overwrite",
+            *extra,
+        ]
         print(f"... {name}", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(summary.read_text())["final_accuracy"]
@@ -57,12 +68,16 @@ def main() -> None:
     for kind in kinds:
         strategy = STRATEGY_OF.get(kind, "fedavg")
         config = out / f"{kind}.toml"
-        config.write_text(f'[attack]\nclients = [{args.attacker}]\nkind = "{kind}"\nscale = {SCALE_OF.get(kind, 20.0)}\n')
+        config.write_text(
+            f'[attack]\nclients = [{args.attacker}]\nkind = "{kind}"\nscale = {SCALE_OF.get(kind, 20.0)}\n'
+        )
         on = run(out, f"{kind}-defended", strategy, ["--config", str(config)], args.reuse)
         off = run(out, f"{kind}-undefended", strategy, ["--config", str(config), *DEFENCES_OFF], args.reuse)
         rows.append((kind, strategy, clean[strategy], on, off))
-    print(f"\nhonest default job (fedavg): defences on {clean['fedavg']:.4f}, off {clean_off:.4f} "
-          f"(cost {100 * (clean_off - clean['fedavg']):+.2f} points)\n")
+    print(
+        f"\nhonest default job (fedavg): defences on {clean['fedavg']:.4f}, off {clean_off:.4f} "
+        f"(cost {100 * (clean_off - clean['fedavg']):+.2f} points)\n"
+    )
     print("| attack | strategy | clean | attacked, defences on | attacked, defences off | on minus clean (points) |")
     print("|---|---|---|---|---|---|")
     for kind, strategy, c, on, off in rows:

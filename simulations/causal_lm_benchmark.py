@@ -51,11 +51,20 @@ def base_scores(test: Path, args) -> dict:
     from fedlora.ml.models import load_causal_lm, load_tokenizer
 
     cfg = RunConfig()
-    cfg.update({"task": "causal-lm", "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
-                "generation_eval_examples": 0, "eval_batch_size": args.eval_batch_size})
+    cfg.update(
+        {
+            "task": "causal-lm",
+            "max_length": args.max_length,
+            "max_new_tokens": args.max_new_tokens,
+            "generation_eval_examples": 0,
+            "eval_batch_size": args.eval_batch_size,
+        }
+    )
     device = evaluation_device()  # where a coordinator evaluates
     model = load_causal_lm(None).to(device)
-    return evaluate_global_model(model, load_tokenizer(None, "causal-lm"), cfg, load_instruction_file(test), final=True, device=device)
+    return evaluate_global_model(
+        model, load_tokenizer(None, "causal-lm"), cfg, load_instruction_file(test), final=True, device=device
+    )
 
 
 def run_options(strategy: str, train: Path, test: Path, out: Path, args) -> list[str]:
@@ -63,12 +72,41 @@ def run_options(strategy: str, train: Path, test: Path, out: Path, args) -> list
     cfg = out.with_suffix(".toml")
     cfg.write_text(f"eval_batch_size = {args.eval_batch_size}\n")
     return [
-        "--task", "causal-lm", "--strategy", strategy, "--data", str(train), "--eval-data", str(test),
-        "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-        "--rank", str(args.rank), "--lora-alpha", str(2 * args.rank), "--lr", str(LR[strategy]),
-        "--max-length", str(args.max_length), "--max-new-tokens", str(args.max_new_tokens),
-        "--generation-eval-examples", "0", "--round-eval-examples", "0", "--init-batches", "2", "--out", str(out),
-        "--overwrite", "--config", str(cfg),
+        "--task",
+        "causal-lm",
+        "--strategy",
+        strategy,
+        "--data",
+        str(train),
+        "--eval-data",
+        str(test),
+        "--rounds",
+        str(args.rounds),
+        "--local-steps",
+        str(args.local_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--rank",
+        str(args.rank),
+        "--lora-alpha",
+        str(2 * args.rank),
+        "--lr",
+        str(LR[strategy]),
+        "--max-length",
+        str(args.max_length),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--generation-eval-examples",
+        "0",
+        "--round-eval-examples",
+        "0",
+        "--init-batches",
+        "2",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--config",
+        str(cfg),
     ]
 
 
@@ -88,27 +126,59 @@ def deployed(strategy: str, train: Path, test: Path, out: Path, args) -> None:
     from fedlora.ml.task import write_partitions
 
     cfg = RunConfig()
-    cfg.update({"task": "causal-lm", "data": str(train), "eval_data": str(test), "partition": "iid", "clients": args.clients})
+    cfg.update(
+        {"task": "causal-lm", "data": str(train), "eval_data": str(test), "partition": "iid", "clients": args.clients}
+    )
     parts = write_partitions(cfg, out / "parts")
     address = f"127.0.0.1:{free_loopback_port()}"
     cli = [sys.executable, "-m", "fedlora.cli"]
     with contextlib.ExitStack() as logs:
+
         def log(path: Path):
             return logs.enter_context(path.open("wb"))
 
         coordinator_log = out.with_suffix(".coordinator.out")  # coordinator.log inside out is the run's own
-        procs = [subprocess.Popen(
-            [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", str(args.clients),
-             *run_options(strategy, train, test, out, args)],
-            stdout=log(coordinator_log), stderr=subprocess.STDOUT, start_new_session=True,  # stop() signals the group
-        )]
+        procs = [
+            subprocess.Popen(
+                [
+                    *cli,
+                    "coordinator",
+                    "--address",
+                    address,
+                    "--insecure",
+                    "--min-clients",
+                    str(args.clients),
+                    *run_options(strategy, train, test, out, args),
+                ],
+                stdout=log(coordinator_log),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # stop() signals the group
+            )
+        ]
         try:
             for i, part in enumerate(parts, start=1):
-                procs.append(subprocess.Popen(
-                    [*cli, "client", "--coordinator", address, "--insecure", "--task", "causal-lm", "--data", str(part),
-                     "--device", args.device, "--state-dir", str(out / f"agent-{i}")],
-                    stdout=log(out / f"agent-{i}.log"), stderr=subprocess.STDOUT, start_new_session=True,
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *cli,
+                            "client",
+                            "--coordinator",
+                            address,
+                            "--insecure",
+                            "--task",
+                            "causal-lm",
+                            "--data",
+                            str(part),
+                            "--device",
+                            args.device,
+                            "--state-dir",
+                            str(out / f"agent-{i}"),
+                        ],
+                        stdout=log(out / f"agent-{i}.log"),
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             while procs[0].poll() is None:  # an agent that stops (bad device, say) would leave the coordinator waiting
                 for i, agent in enumerate(procs[1:], start=1):
                     if agent.poll() is not None:
@@ -134,7 +204,9 @@ def where(args) -> str:
         return "fedlora simulate (clients on CPU)"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     device = args.device if args.device != "auto" else ("cuda" if gpu else "cpu")
-    return f"coordinator and {args.clients} agents over loopback, agents on {device}" + (f" ({gpu}, shared)" if device == "cuda" else "")
+    return f"coordinator and {args.clients} agents over loopback, agents on {device}" + (
+        f" ({gpu}, shared)" if device == "cuda" else ""
+    )
 
 
 def main() -> int:
@@ -151,9 +223,15 @@ def main() -> int:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--strategies", default="fedavg,fedsb")
     parser.add_argument("--out", default="runs/causal-lm-benchmark")
-    parser.add_argument("--gsm8k", type=Path, default=SHARED_GSM8K, help="folder with GSM8K's train.jsonl and test.jsonl")
-    parser.add_argument("--deploy", action="store_true", help="coordinator and client agents over loopback, not simulate")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="the agents' device with --deploy")
+    parser.add_argument(
+        "--gsm8k", type=Path, default=SHARED_GSM8K, help="folder with GSM8K's train.jsonl and test.jsonl"
+    )
+    parser.add_argument(
+        "--deploy", action="store_true", help="coordinator and client agents over loopback, not simulate"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cuda", "cpu"), help="the agents' device with --deploy"
+    )
     args = parser.parse_args()
     if not args.gsm8k.is_dir():
         print(f"GSM8K not found at {args.gsm8k}")
@@ -174,15 +252,20 @@ def main() -> int:
             tokens = sum(m["train_tokens"] for m in metrics)
             seconds = sum(m["train_seconds"] for m in metrics)
             rows.append((strategy, summary, tokens / seconds))
-            print(f"{strategy}: exact match {summary['final_accuracy']:.3f}, perplexity {summary['final_perplexity']:.3f}, "
-                  f"{tokens / seconds:.0f} tokens/s per client", flush=True)
+            print(
+                f"{strategy}: exact match {summary['final_accuracy']:.3f}, perplexity {summary['final_perplexity']:.3f}, "
+                f"{tokens / seconds:.0f} tokens/s per client",
+                flush=True,
+            )
     print(
         f"\nSmolLM2-135M-Instruct, GSM8K: {args.clients} clients x {args.per_client} examples, {args.rounds} rounds x "
         f"{args.local_steps} steps x {args.batch_size}, rank {args.rank}, {args.max_length} tokens; "
         f"held-out {args.eval_examples} test questions, greedy, {args.max_new_tokens} new tokens; "
         f"{where(args)}\n"
     )
-    print("| strategy | exact match before | exact match after | perplexity before | perplexity after | tokens/s per client | bytes up | bytes down |")
+    print(
+        "| strategy | exact match before | exact match after | perplexity before | perplexity after | tokens/s per client | bytes up | bytes down |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for strategy, summary, tps in rows:
         print(

@@ -19,7 +19,17 @@ def add_loop_options(parser: argparse.ArgumentParser, steps: int) -> None:
 
 def run_child(script: str, mode_flag: str, mode: str, args: argparse.Namespace) -> dict:
     """Run ``script`` with ``mode_flag mode`` and the loop options; its last stdout line, parsed."""
-    cmd = [sys.executable, script, mode_flag, mode, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length)]
+    cmd = [
+        sys.executable,
+        script,
+        mode_flag,
+        mode,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)

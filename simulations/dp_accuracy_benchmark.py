@@ -27,8 +27,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fedlora.config import POOLINGS  # noqa: E402
 from strategy_benchmark import COMMON, SHARED_SST2, load_run, run_strategy, sst2_files, with_pooling  # noqa: E402
+
+from fedlora.config import POOLINGS  # noqa: E402
 
 
 def main() -> int:
@@ -41,7 +42,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--pooling", choices=POOLINGS, default="mean")
-    parser.add_argument("--baseline-dir", help="take the no-DP runs from an earlier run of this benchmark with the same settings")
+    parser.add_argument(
+        "--baseline-dir", help="take the no-DP runs from an earlier run of this benchmark with the same settings"
+    )
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
     strategies = [s for s in args.strategies.split(",") if s]
@@ -54,7 +57,13 @@ def main() -> int:
             if data_settings is None:
                 print(f"SST-2 not found at {SHARED_SST2}")
                 return 1
-        settings = {**COMMON, "rounds": args.rounds, **data_settings, "batch_size": args.batch_size, "max_length": args.max_length}
+        settings = {
+            **COMMON,
+            "rounds": args.rounds,
+            **data_settings,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+        }
         settings = with_pooling(settings, args.pooling)
         cells: dict[str, dict[str, tuple[float, float | None]]] = {}
         for strategy in strategies:
@@ -66,7 +75,10 @@ def main() -> int:
                     run_dir = Path(args.baseline_dir) / f"{args.dataset}-{strategy}-nodp"
                     _, summary = load_run(run_dir)
                     saved = json.loads((run_dir / "config.json").read_text())
-                    if any(saved.get(k) != settings[k] for k in ("rounds", "batch_size", "max_length", "local_steps", "pooling")):
+                    if any(
+                        saved.get(k) != settings[k]
+                        for k in ("rounds", "batch_size", "max_length", "local_steps", "pooling")
+                    ):
                         raise SystemExit(f"{run_dir} was run with other settings")
                 else:
                     run_settings = settings if eps is None else {**settings, "dp_epsilon": eps}

@@ -24,10 +24,10 @@ from strategy_benchmark import COMMON, SHARED_SST2, sst2_files  # noqa: E402
 
 def client_setup(data: dict):
     """(model with fresh trainable adapters, tokenizer, client 0's data, 300 dev sentences)."""
-    from fedlora.ml.adapters import set_trainable
     from fedlora.config import RunConfig
-    from fedlora.strategies import make_strategy
+    from fedlora.ml.adapters import set_trainable
     from fedlora.ml.task import adapted_model, initial_adapter_state, load_splits, lora_spec, tokenizer_for
+    from fedlora.strategies import make_strategy
 
     cfg = RunConfig()
     cfg.update({**COMMON, **data, "max_length": 32})
@@ -83,7 +83,10 @@ def classifier_input_geometry(data: dict, n: int = 256) -> str:
         out = net.base_model(**inputs)
         token_mean = mean_pooler(out.last_hidden_state)
     parts = []
-    for name, feats in (("pooler output (the classifier's input)", out.pooler_output), ("mean of token states", token_mean)):
+    for name, feats in (
+        ("pooler output (the classifier's input)", out.pooler_output),
+        ("mean of token states", token_mean),
+    ):
         gap = feats[labels == 1].mean(0) - feats[labels == 0].mean(0)
         parts.append(
             f"{name} over {len(labels)} examples: mean norm {feats.norm(dim=1).mean():.2f}, "
@@ -100,7 +103,9 @@ def run(mode: str, clip: float, args, data: dict, epsilon: float | None = None) 
 
     net, tok, local, dev = client_setup(data)
     if epsilon is None:
-        dp = privacy.DPPlan(1.0, 1e-5, clip, 0.0, privacy.poisson_sample_rate(len(local), args.batch_size))  # clipping alone
+        dp = privacy.DPPlan(
+            1.0, 1e-5, clip, 0.0, privacy.poisson_sample_rate(len(local), args.batch_size)
+        )  # clipping alone
     else:
         dp = privacy.plan(epsilon, 1e-5, clip, len(local), args.batch_size, args.chunks * args.steps)
     out = []
@@ -137,7 +142,12 @@ def main() -> int:
     parser.add_argument("--chunks", type=positive_int, default=3)
     parser.add_argument("--steps", type=positive_int, default=16)
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--epsilons", type=positive_numbers, default="", help="also run the DP path with the noise of these budgets, clip 1")
+    parser.add_argument(
+        "--epsilons",
+        type=positive_numbers,
+        default="",
+        help="also run the DP path with the noise of these budgets, clip 1",
+    )
     args = parser.parse_args()
     if not SHARED_SST2.is_dir():
         print(f"SST-2 not found at {SHARED_SST2}")

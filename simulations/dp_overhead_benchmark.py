@@ -27,8 +27,8 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict:
     import psutil
     import torch
 
-    from fedlora.ml.adapters import set_trainable
     from fedlora.config import RunConfig
+    from fedlora.ml.adapters import set_trainable
     from fedlora.ml.privacy import plan
     from fedlora.ml.task import adapted_model, load_splits, lora_spec, tokenizer_for
     from fedlora.ml.training import train_local
@@ -64,7 +64,14 @@ def measure(mode: str, steps: int, batch_size: int, max_length: int) -> dict:
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
-    return {"mode": mode, "seconds_per_step": seconds / steps, "examples": stats.examples, "growth_mb": (peak[0] - base) / 2**20, "peak_mb": (peak[0] - before_model) / 2**20, "threads": torch.get_num_threads()}
+    return {
+        "mode": mode,
+        "seconds_per_step": seconds / steps,
+        "examples": stats.examples,
+        "growth_mb": (peak[0] - base) / 2**20,
+        "peak_mb": (peak[0] - before_model) / 2**20,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -79,7 +86,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in runs:
             runs[mode].append(run_child(__file__, "--mode", mode, args))
-    median = {mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds_per_step", "peak_mb", "growth_mb")} for mode, rs in runs.items()}
+    median = {
+        mode: {k: statistics.median(r[k] for r in rs) for k in ("seconds_per_step", "peak_mb", "growth_mb")}
+        for mode, rs in runs.items()
+    }
     print(f"{'mode':<6} {'s/step':>8} {'training peak MB':>17} {'growth MB':>10}   (median of {args.repeats})")
     for mode, m in median.items():
         print(f"{mode:<6} {m['seconds_per_step']:>8.3f} {m['peak_mb']:>17.1f} {m['growth_mb']:>10.1f}")

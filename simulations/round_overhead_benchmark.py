@@ -73,14 +73,18 @@ def main() -> None:
     parts = {k: statistics.mean(r[k] for r in steady) for k in steady[0]}
     total = sum(parts.values())
     first_total = sum(rows[0].values())
-    print(f"rounds {len(metrics)}; round 1 took {first_total:.1f} s (model load included); rounds 2+ average {total:.2f} s\n")
+    print(
+        f"rounds {len(metrics)}; round 1 took {first_total:.1f} s (model load included); rounds 2+ average {total:.2f} s\n"
+    )
     print("| part of a round | seconds | share |")
     print("|---|---|---|")
     for name, seconds in parts.items():
         print(f"| {name} | {seconds:.3f} | {seconds / total:.1%} |")
     overhead = total - parts["local training"]
     print(f"\nround overhead (everything but local training): {overhead:.2f} s = {overhead / total:.1%} of the round")
-    print(f"without evaluation: {overhead - parts['evaluation']:.2f} s = {(overhead - parts['evaluation']) / total:.1%}")
+    print(
+        f"without evaluation: {overhead - parts['evaluation']:.2f} s = {(overhead - parts['evaluation']) / total:.1%}"
+    )
     print(f"evaluation in each round: {metrics[-1].get('eval_examples', '?')} held-out examples")
     final_s = summary.get("final_eval_seconds", 0.0)
     if final_s:

@@ -41,8 +41,21 @@ def tree_pss(pid: int) -> int:
 
 
 def run(clients: int, fraction: float, rounds: int, extra: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", str(clients), "--fraction", str(fraction),
-           "--rounds", str(rounds), "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedlora.cli",
+        "simulate",
+        "--clients",
+        str(clients),
+        "--fraction",
+        str(fraction),
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(out),
+        *extra,
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0]
@@ -82,7 +95,9 @@ def main() -> None:
     print("| clients | fraction | clients per round | peak memory (PSS, whole tree) | wall time | final accuracy |")
     print("|---|---|---|---|---|---|")
     for r in (few, many):
-        print(f"| {r['clients']} | {r['fraction']:g} | {r['per_round']} | {r['peak_gib']:.2f} GiB | {r['seconds']:.0f} s | {r['final_accuracy']:.4f} |")
+        print(
+            f"| {r['clients']} | {r['fraction']:g} | {r['per_round']} | {r['peak_gib']:.2f} GiB | {r['seconds']:.0f} s | {r['final_accuracy']:.4f} |"
+        )
     print(f"\npeak memory ratio {args.many} / {args.per_round} clients: {many['peak_gib'] / few['peak_gib']:.2f}")
 
 

@@ -36,9 +36,9 @@ def client_data():
 def run_fedlora(steps: int, batch_size: int, max_length: int) -> float:
     from fedlora.io import wire
     from fedlora.ml.adapters import adapter_state, set_trainable
-    from fedlora.strategies import make_strategy
     from fedlora.ml.task import adapted_model, initial_adapter_state, lora_spec, tokenizer_for
     from fedlora.ml.training import train_local
+    from fedlora.strategies import make_strategy
 
     cfg, splits, data = client_data()
     strategy = make_strategy("fedavg", lora_spec(cfg))
@@ -48,8 +48,12 @@ def run_fedlora(steps: int, batch_size: int, max_length: int) -> float:
     start = time.perf_counter()
     strategy.prepare_client_model(net, state, 0)
     set_trainable(net, strategy.trained_roles)
-    stats, _ = train_local(net, tokenizer, data, steps=steps, batch_size=batch_size, lr=cfg.lr, max_length=max_length, seed=0)
-    blob = wire.encode_update(adapter_state(net, strategy.sent_roles), strategy="fedavg", round_num=1, num_examples=len(data))
+    stats, _ = train_local(
+        net, tokenizer, data, steps=steps, batch_size=batch_size, lr=cfg.lr, max_length=max_length, seed=0
+    )
+    blob = wire.encode_update(
+        adapter_state(net, strategy.sent_roles), strategy="fedavg", round_num=1, num_examples=len(data)
+    )
     seconds = time.perf_counter() - start
     assert len(blob) > 0
     return stats.examples / seconds
@@ -68,7 +72,12 @@ def run_peft(steps: int, batch_size: int, max_length: int) -> float:
     path = resolve_model_path(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(splits.label_names))
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=["query", "value"], modules_to_save=["classifier", "pooler"])
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier", "pooler"],
+    )
     model = get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -77,7 +86,9 @@ def run_peft(steps: int, batch_size: int, max_length: int) -> float:
     model.train()
     seen = 0
     for idx in batch_order(len(data), steps, batch_size, 0):
-        batch = tokenizer([data.texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batch = tokenizer(
+            [data.texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         labels = torch.tensor([data.labels[i] for i in idx])
         loss = F.cross_entropy(model(**batch).logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -108,7 +119,9 @@ def main() -> None:
             print(f"repeat {r + 1} {mode:8s} {rates[mode][-1]:.1f} examples/s", flush=True)
     ours, theirs = statistics.median(rates["fedlora"]), statistics.median(rates["peft"])
     print(f"\nmedian examples/s: fedlora client {ours:.1f}, plain PyTorch + PEFT loop {theirs:.1f}")
-    print(f"ratio fedlora / PEFT loop: {ours / theirs:.2f}  ({args.steps} steps of batch {args.batch_size}, max length {args.max_length})")
+    print(
+        f"ratio fedlora / PEFT loop: {ours / theirs:.2f}  ({args.steps} steps of batch {args.batch_size}, max length {args.max_length})"
+    )
 
 
 if __name__ == "__main__":

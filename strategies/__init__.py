@@ -44,4 +44,14 @@ def init_batches(strategy: AdapterStrategy, cfg: RunConfig) -> int:
     return cfg.init_batches if isinstance(strategy, FederatedInit) else 0
 
 
-__all__ = ["REGISTRY", "STRATEGY_NAMES", "AdapterStrategy", "FederatedInit", "PerClientRank", "build_strategy", "check_strategy", "init_batches", "make_strategy"]
+__all__ = [
+    "REGISTRY",
+    "STRATEGY_NAMES",
+    "AdapterStrategy",
+    "FederatedInit",
+    "PerClientRank",
+    "build_strategy",
+    "check_strategy",
+    "init_batches",
+    "make_strategy",
+]

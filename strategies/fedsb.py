@@ -20,7 +20,17 @@ import torch
 
 from fedlora.config import RunConfig
 from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_R, LoRASpec, role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, FederatedInit, Shape, State, UpdateRejected, gram_error, weights, with_rank
+from fedlora.strategies.base import (
+    AdapterStrategy,
+    ClientUpdate,
+    FederatedInit,
+    Shape,
+    State,
+    UpdateRejected,
+    gram_error,
+    weights,
+    with_rank,
+)
 
 GRAD_U = ".grad_us"  # U_k S_k: d_out x r
 GRAD_V = ".grad_v"  # V_k: d_in x r
@@ -47,7 +57,7 @@ class FedSB(AdapterStrategy, FederatedInit):
         self.init_step = init_step
 
     @classmethod
-    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> "FedSB":
+    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> FedSB:
         return cls(spec, init_step=cfg.lr)  # LoRA-SB: one step of the local learning rate
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:

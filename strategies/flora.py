@@ -25,10 +25,10 @@ from torch import nn
 from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD, LoRASpec, module_of, reset_adapters, role_of
 from fedlora.strategies.base import (
     MERGED,
-    Aggregate,
     AdapterStrategy,
-    PerClientRank,
+    Aggregate,
     ClientUpdate,
+    PerClientRank,
     Shape,
     State,
     UpdateRejected,
@@ -70,7 +70,11 @@ class FLoRA(AdapterStrategy, PerClientRank):
         """Every round after ``last_seen``; the whole (compressed) history for a client that
         has not yet received the current base."""
         rounds = {n: r for n in global_state if (r := merged_round(n)) is not None}
-        kept_from = min((r for r in rounds.values() if r != BASE_ROUND), default=None) if BASE_ROUND in rounds.values() else None
+        kept_from = (
+            min((r for r in rounds.values() if r != BASE_ROUND), default=None)
+            if BASE_ROUND in rounds.values()
+            else None
+        )
         if last_seen is None or (kept_from is not None and last_seen < kept_from):
             since = -1
         else:
@@ -138,7 +142,9 @@ class FLoRA(AdapterStrategy, PerClientRank):
             new_state[f"merged.{round_num}.{m}.{ROLE_A}.weight"] = a_stack
             new_state[f"merged.{round_num}.{m}.{ROLE_B}.weight"] = b_stack
             # the global dense change this round, what a fold of the history drops included
-            actual[m] = b_stack.to(torch.float64) @ a_stack.to(torch.float64) + self._bound_history(new_state, m, round_num)
+            actual[m] = b_stack.to(torch.float64) @ a_stack.to(torch.float64) + self._bound_history(
+                new_state, m, round_num
+            )
         target = mean_of_deltas([lora_deltas(u.state, self.spec.alpha) for u in updates], ws)
         return Aggregate(new_state, relative_error(actual, target))
 
@@ -151,14 +157,18 @@ class FLoRA(AdapterStrategy, PerClientRank):
             return 0.0
         folded = [r for r in rounds if r != round_num]
         total = sum(
-            state.pop(f"merged.{r}.{module}.{ROLE_B}.weight").to(torch.float64) @ state.pop(f"merged.{r}{suffix}").to(torch.float64)
+            state.pop(f"merged.{r}.{module}.{ROLE_B}.weight").to(torch.float64)
+            @ state.pop(f"merged.{r}{suffix}").to(torch.float64)
             for r in folded
         )
         u, sing, vh = torch.linalg.svd(total, full_matrices=False)
         numerical_rank = int((sing > sing[0] * 1e-12).sum()) if float(sing[0]) > 0 else 1
         kept = sing.shape[0] if sing.shape[0] <= self.history_rank else self.history_rank // 2  # exact when it fits
         k = max(1, min(kept, numerical_rank))
-        base_b, base_a = u[:, :k].contiguous().to(torch.float32), (sing[:k, None] * vh[:k]).contiguous().to(torch.float32)
+        base_b, base_a = (
+            u[:, :k].contiguous().to(torch.float32),
+            (sing[:k, None] * vh[:k]).contiguous().to(torch.float32),
+        )
         state[f"merged.{BASE_ROUND}.{module}.{ROLE_B}.weight"], state[f"merged.{BASE_ROUND}{suffix}"] = base_b, base_a
         return base_b.to(torch.float64) @ base_a.to(torch.float64) - total
 
@@ -166,8 +176,14 @@ class FLoRA(AdapterStrategy, PerClientRank):
         """All merged rounds as one standard LoRA pair per module (scaling 1), plus the head."""
         out = {n: t for n, t in global_state.items() if role_of(n) == ROLE_HEAD}
         for m in self.module_shapes:
-            rounds = sorted(r for n in global_state if n.endswith(f".{m}.{ROLE_A}.weight") and (r := merged_round(n)) is not None)
+            rounds = sorted(
+                r for n in global_state if n.endswith(f".{m}.{ROLE_A}.weight") and (r := merged_round(n)) is not None
+            )
             if rounds:
-                out[f"{m}.{ROLE_A}.weight"] = torch.cat([global_state[f"merged.{t}.{m}.{ROLE_A}.weight"] for t in rounds], 0)
-                out[f"{m}.{ROLE_B}.weight"] = torch.cat([global_state[f"merged.{t}.{m}.{ROLE_B}.weight"] for t in rounds], 1)
+                out[f"{m}.{ROLE_A}.weight"] = torch.cat(
+                    [global_state[f"merged.{t}.{m}.{ROLE_A}.weight"] for t in rounds], 0
+                )
+                out[f"{m}.{ROLE_B}.weight"] = torch.cat(
+                    [global_state[f"merged.{t}.{m}.{ROLE_B}.weight"] for t in rounds], 1
+                )
         return out

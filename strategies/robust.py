@@ -51,7 +51,9 @@ def cap_weights(updates: Sequence[ClientUpdate], cap: float) -> list[ClientUpdat
 class NormScreen:
     """Effect norms against a reference that is carried across rounds."""
 
-    def __init__(self, multiple: float, mode: str = "clip", max_norm: float = float("inf"), reference: float | None = None):
+    def __init__(
+        self, multiple: float, mode: str = "clip", max_norm: float = float("inf"), reference: float | None = None
+    ):
         self.multiple = multiple
         self.mode = mode
         self.max_norm = max_norm

@@ -32,7 +32,9 @@ def make_tiny_llama(folder: Path, with_chat_template: bool = True) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    texts = [r["question"] + " " + r["answer"] for r in arithmetic_rows(400, seed=1)] + ["user: assistant: Question: Answer:"]
+    texts = [r["question"] + " " + r["answer"] for r in arithmetic_rows(400, seed=1)] + [
+        "user: assistant: Question: Answer:"
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -46,9 +48,17 @@ def make_tiny_llama(folder: Path, with_chat_template: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(folder))

@@ -17,8 +17,18 @@ def prepare(tmp_path: Path, keys: int, partitions: int) -> tuple[Path, Path, Pat
     from fedlora.deploy.processes import free_loopback_port
 
     certs, parts, config = tmp_path / "certs", tmp_path / "parts", tmp_path / "small.toml"
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", str(keys)]).returncode == 0
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", str(partitions)]).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "fedlora.cli", "certs", "--out", str(certs), "--clients", str(keys)]
+        ).returncode
+        == 0
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "fedlora.cli", "partition", "--out", str(parts), "--clients", str(partitions)]
+        ).returncode
+        == 0
+    )
     config.write_text(SMALL)
     return certs, parts, config, f"127.0.0.1:{free_loopback_port()}"
 

@@ -10,7 +10,14 @@ from fedlora.flower.messages import RECORD
 class FakeReply:
     """Duck-typed stand-in for a Flower reply Message (real ones need a live run)."""
 
-    def __init__(self, node: int, payload=None, error: str | None = None, metrics: dict | None = None, declined: str | None = None):
+    def __init__(
+        self,
+        node: int,
+        payload=None,
+        error: str | None = None,
+        metrics: dict | None = None,
+        declined: str | None = None,
+    ):
         self.metadata = SimpleNamespace(src_node_id=node)
         self.error = SimpleNamespace(reason=error)
         content = RecordDict()

@@ -9,17 +9,17 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from replies import FakeReply
 
-from fedlora.io import wire
-from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, lock_state_dir
 from fedlora.client.app import train
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.strategies import make_strategy
 from fedlora.flower.bridge import FlowerStrategy
 from fedlora.flower.messages import RECORD, RESYNC, RunFacts
+from fedlora.io import wire
+from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, lock_state_dir
 from fedlora.ml.task import initial_adapter_state, load_splits, lora_spec
-from replies import FakeReply
+from fedlora.strategies import make_strategy
 
 LABELS = ("business", "entertainment", "politics", "sports", "tech")
 SMALL = dict(local_steps=1, batch_size=4, max_length=16, rounds=3)
@@ -35,7 +35,9 @@ def inside_a_run(monkeypatch):
 def data_file(tmp_path):
     splits = load_splits(RunConfig())
     path = tmp_path / "mine.jsonl"
-    rows = [{"text": t, "label": splits.label_names[y]} for t, y in zip(splits.train.texts[:24], splits.train.labels[:24])]
+    rows = [
+        {"text": t, "label": splits.label_names[y]} for t, y in zip(splits.train.texts[:24], splits.train.labels[:24])
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -56,8 +58,13 @@ class Grid:
 
 
 def agent(data_file, state_dir, own: AgentPrivacy = AgentPrivacy(), node_id: int = 7) -> Context:
-    node = {"data-path": str(data_file), "state-dir": str(state_dir), "device": "cpu", "num-examples": 24,
-            "data-digest": data_digest(data_file) if data_file.exists() else "0" * 64}
+    node = {
+        "data-path": str(data_file),
+        "state-dir": str(state_dir),
+        "device": "cpu",
+        "num-examples": 24,
+        "data-digest": data_digest(data_file) if data_file.exists() else "0" * 64,
+    }
     node.update(dict(pair.split("=", 1) for pair in own.node_config()))
     node = {k: (float(v) if k.startswith("dp-") else v) for k, v in node.items()}
     return Context(run_id=1, node_id=node_id, node_config=node, state=RecordDict(), run_config={})
@@ -74,8 +81,12 @@ def test_deployed_noise_is_unpredictable_and_simulated_noise_repeats(data_file, 
     msg = bridge.configure_train(1, None, None, Grid([7]))[0]
     updates = [reply_of(train(msg, agent(data_file, tmp_path / f"agent-{i}")))[2].tensors for i in range(2)]
     assert any(not torch.equal(updates[0][n], updates[1][n]) for n in updates[0])  # same message, other noise
-    simulated = [reply_of(train(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
-                                             run_config={})))[2].tensors for _ in range(2)]
+    simulated = [
+        reply_of(
+            train(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={}))
+        )[2].tensors
+        for _ in range(2)
+    ]
     assert all(torch.equal(simulated[0][n], simulated[1][n]) for n in simulated[0])  # one party: seeded
 
 

@@ -18,16 +18,41 @@ def test_a_restarted_agent_trains_against_what_it_was_sent(tmp_path):
     def agent(i: int) -> subprocess.Popen:
         client = certs / "clients" / f"client-{i}"
         return fedlora(
-            "client", "--coordinator", address, "--data", str(parts / f"client-{i}.jsonl"), "--root-cert", str(client / "ca.crt"),
-            "--auth-key", str(client / "client.key"), "--state-dir", str(tmp_path / f"agent-{i}"), log=tmp_path / f"agent-{i}.out",
+            "client",
+            "--coordinator",
+            address,
+            "--data",
+            str(parts / f"client-{i}.jsonl"),
+            "--root-cert",
+            str(client / "ca.crt"),
+            "--auth-key",
+            str(client / "client.key"),
+            "--state-dir",
+            str(tmp_path / f"agent-{i}"),
+            log=tmp_path / f"agent-{i}.out",
         )
 
     procs: list[subprocess.Popen] = []
     try:
         coordinator = fedlora(
-            "coordinator", "--address", address, "--min-clients", "2", "--strategy", "fedsb", "--rounds", "4",
-            "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys"),
-            "--out", str(out), "--config", str(config), log=tmp_path / "coordinator.out",
+            "coordinator",
+            "--address",
+            address,
+            "--min-clients",
+            "2",
+            "--strategy",
+            "fedsb",
+            "--rounds",
+            "4",
+            "--tls-dir",
+            str(certs / "coordinator"),
+            "--auth-keys",
+            str(certs / "coordinator" / "auth-keys"),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            log=tmp_path / "coordinator.out",
         )
         procs += [coordinator, agent(1), agent(2)]
         wait_until(lambda: rounds_logged(out) >= 1 or coordinator.poll() is not None, 600, "round 1")

@@ -8,17 +8,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from replies import FakeReply
 
-from fedlora.io import wire
-from fedlora.ml.adapters import LoRASpec
-from fedlora.flower.attacks import attacked_payload
 from fedlora.config import RunConfig
+from fedlora.flower.attacks import attacked_payload
+from fedlora.flower.bridge import FlowerStrategy
+from fedlora.io import wire
 from fedlora.io.schema import update_pb2 as pb
+from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import merged_deltas
 from fedlora.strategies.fedsb import GRAD_V
-from fedlora.flower.bridge import FlowerStrategy
-from replies import FakeReply
 
 SPEC = LoRASpec(rank=2, alpha=4.0, target_modules=("q",))
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "classifier.weight"
@@ -33,10 +33,16 @@ def initial_state() -> dict:
 
 def bridge(name: str, defended: bool = True, **kw) -> FlowerStrategy:
     strategy = make_strategy(name, SPEC)
-    defences = dict(
-        robust_multiple=DEFAULTS.robust_norm_multiple, robust_mode=DEFAULTS.robust_mode,
-        robust_max_norm=DEFAULTS.robust_max_norm, weight_cap=DEFAULTS.robust_weight_cap,
-    ) if defended else {}
+    defences = (
+        dict(
+            robust_multiple=DEFAULTS.robust_norm_multiple,
+            robust_mode=DEFAULTS.robust_mode,
+            robust_max_norm=DEFAULTS.robust_max_norm,
+            weight_cap=DEFAULTS.robust_weight_cap,
+        )
+        if defended
+        else {}
+    )
     return FlowerStrategy(strategy, strategy.setup(initial_state()), "{}", **defences, **kw)
 
 
@@ -71,7 +77,9 @@ def run_round(b: FlowerStrategy, states: list[dict], attacker: bytes | None) -> 
 
 
 def global_change(b: FlowerStrategy, before: dict) -> float:
-    return b.strategy.effect_norm(before, {n: t for n, t in b.global_state.items() if n not in before or not torch.equal(t, before[n])})
+    return b.strategy.effect_norm(
+        before, {n: t for n, t in b.global_state.items() if n not in before or not torch.equal(t, before[n])}
+    )
 
 
 def test_scale_is_clipped_to_the_round_bound():
@@ -112,7 +120,9 @@ def test_a_rank1_flora_client_is_measured_by_its_effect():
         payload = attacked_payload(attack_cfg("flora-rank1", 200.0), blob(attacked, states[3], 100), {})
         assert wire.decode(payload).tensors[A].shape[0] == 1
         run_round(attacked, states, payload)
-        changes[defended] = float(merged_deltas(attacked.global_state)["m.q"].norm() / merged_deltas(clean.global_state)["m.q"].norm())
+        changes[defended] = float(
+            merged_deltas(attacked.global_state)["m.q"].norm() / merged_deltas(clean.global_state)["m.q"].norm()
+        )
         if defended:
             assert attacked.stats.clipped == 1
     assert changes[True] < 2.5 and changes[False] > 20.0  # bounded whatever the scale
@@ -125,7 +135,9 @@ def fedsb_init(defended: bool, attack: str | None, scale: float = 1e12) -> Flowe
     common = torch.randn(6, 5, generator=gen)
     replies = []
     for i, n in enumerate((*SIZES, 100)):
-        payload = blob(b, b.strategy.init_reply({"m.q": common + 0.3 * torch.randn(6, 5, generator=gen)}), n, kind="init")
+        payload = blob(
+            b, b.strategy.init_reply({"m.q": common + 0.3 * torch.randn(6, 5, generator=gen)}), n, kind="init"
+        )
         if i == 3 and attack is not None:
             payload = attacked_payload(attack_cfg(attack, scale), payload, {})
         replies.append(FakeReply(i + 1, payload))
@@ -141,7 +153,11 @@ def test_an_inflated_initialisation_sketch_is_bounded():
     def r0(b):
         return float(b.global_state["m.q.lora_R.weight"].norm())
 
-    clean, defended, undefended = fedsb_init(True, None), fedsb_init(True, "init-sketch"), fedsb_init(False, "init-sketch")
+    clean, defended, undefended = (
+        fedsb_init(True, None),
+        fedsb_init(True, "init-sketch"),
+        fedsb_init(False, "init-sketch"),
+    )
     assert defended.init_stats.clipped == 1 and r0(defended) < 3 * r0(clean)
     assert r0(undefended) > 1e6 * r0(clean)
 
@@ -155,7 +171,9 @@ def test_nan_and_oversized_updates_are_rejected():
     for kind, reason in (("nan", "non-finite"), ("oversized", "exceeds the limit")):
         b = bridge("fedavg", max_update_bytes=1024 * 1024)
         states = honest_states(b)
-        run_round(b, states, attacked_payload(attack_cfg(kind, max_update_mb=1), blob(b, states[3], 100), b.global_state))
+        run_round(
+            b, states, attacked_payload(attack_cfg(kind, max_update_mb=1), blob(b, states[3], 100), b.global_state)
+        )
         assert b.stats.rejected == 1 and b.stats.clients == 3 and reason in b.stats.reasons[0]
 
 
@@ -172,7 +190,9 @@ def test_a_lone_client_is_bounded_too():
 
 
 def raw_payload(*tensors: pb.Tensor, **header) -> bytes:
-    msg = pb.Payload(schema_version=wire.SCHEMA_VERSION, kind=pb.UPDATE, strategy="fedavg", round=1, num_examples=10, **header)
+    msg = pb.Payload(
+        schema_version=wire.SCHEMA_VERSION, kind=pb.UPDATE, strategy="fedavg", round=1, num_examples=10, **header
+    )
     msg.tensors.extend(tensors)
     return msg.SerializeToString()
 
@@ -189,7 +209,12 @@ def test_an_empty_tensor_with_huge_dimensions_is_rejected_not_allocated():
 
 def test_a_flood_of_tensors_is_rejected_before_any_is_decoded(monkeypatch):
     def flood(count):
-        return raw_payload(*[pb.Tensor(name=f"x{i}.weight", role="head", shape=[1], dtype=pb.FLOAT32, data=b"\0" * 4) for i in range(count)])
+        return raw_payload(
+            *[
+                pb.Tensor(name=f"x{i}.weight", role="head", shape=[1], dtype=pb.FLOAT32, data=b"\0" * 4)
+                for i in range(count)
+            ]
+        )
 
     def never(_):
         raise AssertionError("a tensor was decoded")
@@ -211,7 +236,9 @@ def test_client_reported_numbers_cannot_overflow_or_lie_about_privacy():
     ]
     b.aggregate_train(1, replies)
     assert b.stats.clients == 3 and b.stats.train_tokens == 50 and b.worst_epsilon == 0.5
-    dp = wire.encode_update(states[3], strategy="fedavg", round_num=1, num_examples=10, dp={"epsilon": -1.0, "delta": 1e-5})
+    dp = wire.encode_update(
+        states[3], strategy="fedavg", round_num=1, num_examples=10, dp={"epsilon": -1.0, "delta": 1e-5}
+    )
     with pytest.raises(wire.InvalidUpdate, match="DP statistic epsilon"):
         wire.decode(dp)
 
@@ -221,8 +248,12 @@ def test_client_text_reaches_the_log_as_one_printable_line(caplog):
     states = honest_states(b)
     spoof = "\x1b[2J\x1b[32mINFO: all good\nround 9/9 accuracy 1.0" + "x" * 5000
     evil_name = pb.Tensor(name="\x1b[31mevil\n.weight", role="head", shape=[1], dtype=pb.FLOAT32, data=b"\0\0\0\0")
-    replies = [FakeReply(1, blob(b, states[0], 100)), FakeReply(2, declined=spoof), FakeReply(3, raw_payload(evil_name)),
-               FakeReply(4, error=spoof)]
+    replies = [
+        FakeReply(1, blob(b, states[0], 100)),
+        FakeReply(2, declined=spoof),
+        FakeReply(3, raw_payload(evil_name)),
+        FakeReply(4, error=spoof),
+    ]
     with caplog.at_level(logging.INFO, logger="fedlora"):
         b.aggregate_train(1, replies)
     assert b.stats.clients == 1 and b.stats.declined == 1 and b.stats.rejected == 1 and b.stats.failed == 1

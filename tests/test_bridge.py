@@ -5,13 +5,13 @@ import logging
 from types import SimpleNamespace
 
 import torch
+from replies import FakeReply
 
+from fedlora.flower.bridge import FlowerStrategy
+from fedlora.flower.messages import RECORD
 from fedlora.io import wire
 from fedlora.ml.adapters import LoRASpec
 from fedlora.strategies import make_strategy
-from fedlora.flower.bridge import FlowerStrategy
-from fedlora.flower.messages import RECORD
-from replies import FakeReply
 
 SPEC = LoRASpec(rank=2, alpha=4.0, target_modules=("q",))
 GLOBAL = {
@@ -126,7 +126,10 @@ def test_fedsb_one_off_tensors_travel_in_the_init_dtype_and_aggregation_stays_ex
     assert all(m.content[RECORD]["init_dtype"] == "bf16" for m in b.configure_init(grid))
     gen = torch.Generator().manual_seed(0)
     sketches = [fedsb.init_reply({"m.q": torch.randn(4, 3, generator=gen)}) for _ in range(2)]
-    blobs = [wire.encode(s, kind="init", strategy="fedsb", num_examples=n, wire_dtype="bf16") for s, n in zip(sketches, (10, 30))]
+    blobs = [
+        wire.encode(s, kind="init", strategy="fedsb", num_examples=n, wire_dtype="bf16")
+        for s, n in zip(sketches, (10, 30))
+    ]
     assert b.aggregate_init([FakeReply(1, blobs[0]), FakeReply(2, blobs[1])])
 
     a, r = b.global_state["m.q.lora_A.weight"], b.global_state["m.q.lora_R.weight"]
@@ -134,8 +137,10 @@ def test_fedsb_one_off_tensors_travel_in_the_init_dtype_and_aggregation_stays_ex
     payload = b.configure_train(1, None, None, grid)[0].content[RECORD]["payload"]
     dtypes = {t.name: t.dtype for t in pb.Payload.FromString(payload).tensors}
     assert dtypes == {
-        "m.q.lora_A.weight": pb.BFLOAT16, "m.q.lora_B.weight": pb.BFLOAT16,
-        "m.q.lora_R.weight": pb.FLOAT32, "classifier.weight": pb.FLOAT32,
+        "m.q.lora_A.weight": pb.BFLOAT16,
+        "m.q.lora_B.weight": pb.BFLOAT16,
+        "m.q.lora_R.weight": pb.FLOAT32,
+        "classifier.weight": pb.FLOAT32,
     }
     received = wire.decode(payload).tensors
     for name in ("m.q.lora_A.weight", "m.q.lora_B.weight"):

@@ -95,7 +95,7 @@ def test_unknown_command():
     [
         ('[attack]\nclients = [1]\nkind = "bribe"\n', "unknown attack kind 'bribe'"),
         ('[attack]\nclients = [9]\nkind = "scale"\n', "attack clients must be partition ids in 0..3"),
-        ('[attack]\nclients = [1]\nstrength = 3\n', "unknown key 'strength' in [attack]"),
+        ("[attack]\nclients = [1]\nstrength = 3\n", "unknown key 'strength' in [attack]"),
         ("attack = 3\n", "attack must be a table"),
         ("poison_clients = [2]\n", "moved: use an [attack] table"),
     ],
@@ -109,7 +109,9 @@ def test_bad_attack_tables(table, needle, tmp_path):
 def test_a_coordinator_refuses_simulated_attackers(tmp_path):
     config = tmp_path / "attack.toml"
     config.write_text('[attack]\nclients = [1]\nkind = "scale"\n')
-    proc = run_cli("coordinator", "--address", "127.0.0.1:1", "--insecure", "--out", str(tmp_path / "o"), "--config", str(config))
+    proc = run_cli(
+        "coordinator", "--address", "127.0.0.1:1", "--insecure", "--out", str(tmp_path / "o"), "--config", str(config)
+    )
     assert_one_line_error(proc, "fedlora simulate only")
     assert not (tmp_path / "o").exists()
 
@@ -121,10 +123,25 @@ def test_bad_defence_settings(flag, value, tmp_path):
 
 @pytest.mark.parametrize(
     "flag,value,needle",
-    [("--dp-delta", "2", "dp-delta must be in (0, 1)"), ("--dp-clip", "0", "dp-clip must be > 0"),
-     ("--dp-max-steps", "0", "dp-max-steps must be >= 1"), ("--dp-epsilon", "-1", "dp-epsilon must be > 0")],
+    [
+        ("--dp-delta", "2", "dp-delta must be in (0, 1)"),
+        ("--dp-clip", "0", "dp-clip must be > 0"),
+        ("--dp-max-steps", "0", "dp-max-steps must be >= 1"),
+        ("--dp-epsilon", "-1", "dp-epsilon must be > 0"),
+    ],
 )
 def test_bad_agent_privacy_settings(flag, value, needle, tmp_path):
     data = _tiny_jsonl(tmp_path)
-    proc = run_cli("client", "--coordinator", "127.0.0.1:1", "--insecure", "--data", str(data), "--state-dir", str(tmp_path / "s"), flag, value)
+    proc = run_cli(
+        "client",
+        "--coordinator",
+        "127.0.0.1:1",
+        "--insecure",
+        "--data",
+        str(data),
+        "--state-dir",
+        str(tmp_path / "s"),
+        flag,
+        value,
+    )
     assert_one_line_error(proc, needle)

@@ -18,22 +18,46 @@ from fedlora.deploy.processes import free_loopback_port, wait_for_port
 def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
     certs, parts, config, address = prepare(tmp_path, keys=3, partitions=2)
     out = tmp_path / "run"
-    deployment = ["--address", address, "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys")]
+    deployment = [
+        "--address",
+        address,
+        "--tls-dir",
+        str(certs / "coordinator"),
+        "--auth-keys",
+        str(certs / "coordinator" / "auth-keys"),
+    ]
 
     procs: list[subprocess.Popen] = []
     try:
         first = fedlora(
-            "coordinator", *deployment, "--min-clients", "2", "--rounds", "3", "--out", str(out), "--config", str(config),
+            "coordinator",
+            *deployment,
+            "--min-clients",
+            "2",
+            "--rounds",
+            "3",
+            "--out",
+            str(out),
+            "--config",
+            str(config),
             log=tmp_path / "first.out",
         )
         procs.append(first)
         for i in (1, 2):
             procs.append(
                 fedlora(
-                    "client", "--coordinator", address, "--data", str(parts / f"client-{i}.jsonl"),
-                    "--root-cert", str(certs / "clients" / f"client-{i}" / "ca.crt"),
-                    "--auth-key", str(certs / "clients" / f"client-{i}" / "client.key"),
-                    "--state-dir", str(tmp_path / f"agent-{i}"), log=tmp_path / f"agent-{i}.out",
+                    "client",
+                    "--coordinator",
+                    address,
+                    "--data",
+                    str(parts / f"client-{i}.jsonl"),
+                    "--root-cert",
+                    str(certs / "clients" / f"client-{i}" / "ca.crt"),
+                    "--auth-key",
+                    str(certs / "clients" / f"client-{i}" / "client.key"),
+                    "--state-dir",
+                    str(tmp_path / f"agent-{i}"),
+                    log=tmp_path / f"agent-{i}.out",
                 )
             )
         wait_until(lambda: rounds_logged(out) >= 1 or first.poll() is not None, 600, "round 1")
@@ -41,12 +65,17 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
         first.send_signal(signal.SIGKILL)  # the coordinator alone: its SuperLink must follow it
         first.wait(timeout=30)
         # the SuperLink and the run's ServerApp: a leftover ServerApp would write into the run folder
-        wait_until(lambda: not processes_mentioning(str(out / ".flower")) and not processes_mentioning("flwr-serverapp"),
-                   60, "the SuperLink and its ServerApp to stop")
+        wait_until(
+            lambda: not processes_mentioning(str(out / ".flower")) and not processes_mentioning("flwr-serverapp"),
+            60,
+            "the SuperLink and its ServerApp to stop",
+        )
         killed_after = rounds_logged(out)
         assert killed_after < 3
 
-        weakened = fedlora("coordinator", *deployment[:-2], "--resume", "--out", str(out), log=tmp_path / "weakened.out")
+        weakened = fedlora(
+            "coordinator", *deployment[:-2], "--resume", "--out", str(out), log=tmp_path / "weakened.out"
+        )
         assert weakened.wait(timeout=120) != 0
         assert "resume it with --auth-keys" in (tmp_path / "weakened.out").read_text()
 
@@ -56,10 +85,20 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
         host, port = address.rsplit(":", 1)
         wait_for_port(host, int(port), second, 300, "the resumed coordinator")
         revoked = fedlora(
-            "client", "--coordinator", address, "--data", str(parts / "client-2.jsonl"),
-            "--root-cert", str(certs / "clients" / "client-3" / "ca.crt"),
-            "--auth-key", str(certs / "clients" / "client-3" / "client.key"),
-            "--state-dir", str(tmp_path / "agent-3"), "--max-wait", "30", log=tmp_path / "agent-3.out",
+            "client",
+            "--coordinator",
+            address,
+            "--data",
+            str(parts / "client-2.jsonl"),
+            "--root-cert",
+            str(certs / "clients" / "client-3" / "ca.crt"),
+            "--auth-key",
+            str(certs / "clients" / "client-3" / "client.key"),
+            "--state-dir",
+            str(tmp_path / "agent-3"),
+            "--max-wait",
+            "30",
+            log=tmp_path / "agent-3.out",
         )
         procs.append(revoked)
         assert revoked.wait(timeout=120) != 0
@@ -83,14 +122,29 @@ def test_killed_coordinator_resumes_with_the_same_agents(tmp_path):
 def test_sigterm_stops_the_coordinator_and_everything_it_started(tmp_path):
     out = tmp_path / "run"
     address = f"127.0.0.1:{free_loopback_port()}"
-    proc = fedlora("coordinator", "--address", address, "--insecure", "--min-clients", "2", "--out", str(out),
-                   log=tmp_path / "coordinator.out")
+    proc = fedlora(
+        "coordinator",
+        "--address",
+        address,
+        "--insecure",
+        "--min-clients",
+        "2",
+        "--out",
+        str(out),
+        log=tmp_path / "coordinator.out",
+    )
     try:
-        wait_until(lambda: "waiting for 2 clients" in (tmp_path / "coordinator.out").read_text() or proc.poll() is not None,
-                   120, "the coordinator to start")
+        wait_until(
+            lambda: "waiting for 2 clients" in (tmp_path / "coordinator.out").read_text() or proc.poll() is not None,
+            120,
+            "the coordinator to start",
+        )
         assert proc.poll() is None, (tmp_path / "coordinator.out").read_text()
-        wait_until(lambda: bool(processes_mentioning("flwr-serverapp")) or bool(processes_mentioning(str(out / ".flower"))),
-                   60, "the SuperLink")
+        wait_until(
+            lambda: bool(processes_mentioning("flwr-serverapp")) or bool(processes_mentioning(str(out / ".flower"))),
+            60,
+            "the SuperLink",
+        )
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert proc.returncode != 0

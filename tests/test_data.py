@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from fedlora.ml.data import load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
+from fedlora.ml.data import load_bbc_news, load_text_file, partition_indices, stratified_split
 
 
 def _covers_once(parts, n):

@@ -11,7 +11,9 @@ import pytest
 def test_default_simulation_reaches_target_accuracy(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("round ") >= 5  # progress per round on the terminal

@@ -8,32 +8,65 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 from deployment_helpers import fedlora, kill_group, prepare, rounds_logged, stop_all, supernode_pids, wait_until
+from safetensors.torch import load_file
 
 from fedlora.deploy.processes import wait_for_port
+
 
 @pytest.mark.slow
 def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     certs, parts, config, address = prepare(tmp_path, keys=4, partitions=3)
     stranger_ca, out = tmp_path / "other-ca", tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(stranger_ca), "--clients", "0"]).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "fedlora.cli", "certs", "--out", str(stranger_ca), "--clients", "0"]
+        ).returncode
+        == 0
+    )
     (certs / "coordinator" / "auth-keys" / "client-4.pub").unlink()  # client 4 has a key pair, but it is not registered
 
     procs: list[subprocess.Popen] = []
     try:
         coordinator = fedlora(
-            "coordinator", "--address", address, "--min-clients", "3", "--strategy", "fedsb", "--rounds", "2", "--init-dtype", "bf16",
-            "--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys"), "--out", str(out), "--config", str(config),
+            "coordinator",
+            "--address",
+            address,
+            "--min-clients",
+            "3",
+            "--strategy",
+            "fedsb",
+            "--rounds",
+            "2",
+            "--init-dtype",
+            "bf16",
+            "--tls-dir",
+            str(certs / "coordinator"),
+            "--auth-keys",
+            str(certs / "coordinator" / "auth-keys"),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
             log=tmp_path / "coordinator.out",
         )
         procs.append(coordinator)
 
         def agent(i: int, key: str, ca: Path, name: str, *extra: str) -> subprocess.Popen:
             proc = fedlora(
-                "client", "--coordinator", address, "--data", str(parts / f"client-{min(i, 3)}.jsonl"),
-                "--root-cert", str(ca / "ca" / "ca.crt"), "--auth-key", str(certs / "clients" / key / "client.key"),
-                "--state-dir", str(tmp_path / name), *extra, log=tmp_path / f"{name}.out",
+                "client",
+                "--coordinator",
+                address,
+                "--data",
+                str(parts / f"client-{min(i, 3)}.jsonl"),
+                "--root-cert",
+                str(ca / "ca" / "ca.crt"),
+                "--auth-key",
+                str(certs / "clients" / key / "client.key"),
+                "--state-dir",
+                str(tmp_path / name),
+                *extra,
+                log=tmp_path / f"{name}.out",
             )
             procs.append(proc)
             return proc

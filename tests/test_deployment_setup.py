@@ -11,17 +11,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
-from fedlora.deploy.agent import check_agent, node_config
-from fedlora.io.agent_state import AgentPrivacy
-from fedlora.client.app import Declined, local_setup, pick_device
-from fedlora.flower.messages import RunFacts
-from fedlora.deploy.certs import write_certificates
 from fedlora.cli import main
+from fedlora.client.app import Declined, local_setup, pick_device
 from fedlora.config import RunConfig
+from fedlora.deploy.agent import check_agent, node_config
+from fedlora.deploy.certs import write_certificates
 from fedlora.deploy.coordinator import check_deployment
 from fedlora.deploy.processes import parse_address
-from fedlora.ml.data import TextDataset, align_labels
 from fedlora.errors import UserError
+from fedlora.flower.messages import RunFacts
+from fedlora.io.agent_state import AgentPrivacy
+from fedlora.ml.data import TextDataset, align_labels
 from fedlora.ml.task import load_splits, write_partitions
 
 
@@ -30,7 +30,9 @@ def test_certificates_chain_to_the_ca_and_name_the_host(tmp_path):
     coord = tmp_path / "coordinator"
     ca = x509.load_pem_x509_certificate((tmp_path / "ca" / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((coord / "server.pem").read_bytes())
-    ca.public_key().verify(server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm)
+    ca.public_key().verify(
+        server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(), server.signature_hash_algorithm
+    )
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"coord.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
     assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
@@ -39,14 +41,22 @@ def test_certificates_chain_to_the_ca_and_name_the_host(tmp_path):
         key = serialization.load_ssh_private_key((client / "client.key").read_bytes(), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
         public = (coord / "auth-keys" / f"client-{i}.pub").read_bytes().strip()
-        assert public == key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        assert public == key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
         assert (client / "ca.crt").read_bytes() == (tmp_path / "ca" / "ca.crt").read_bytes()
 
 
 def test_each_machine_gets_its_own_private_folder_and_nothing_is_overwritten(tmp_path):
     write_certificates(tmp_path, "localhost", clients=1)
     coordinator = {p.relative_to(tmp_path / "coordinator").as_posix() for p in (tmp_path / "coordinator").rglob("*")}
-    assert coordinator == {"ca.crt", "server.pem", "server.key", "auth-keys", "auth-keys/client-1.pub"}  # no CA key, no client key
+    assert coordinator == {
+        "ca.crt",
+        "server.pem",
+        "server.key",
+        "auth-keys",
+        "auth-keys/client-1.pub",
+    }  # no CA key, no client key
     for folder in ("ca", "coordinator", "coordinator/auth-keys", "clients", "clients/client-1"):
         assert (tmp_path / folder).stat().st_mode & 0o777 == 0o700
     for key in ("ca/ca.key", "coordinator/server.key", "clients/client-1/client.key"):
@@ -81,8 +91,18 @@ def test_deployment_flags_are_checked_before_anything_starts(tmp_path):
 def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "a", "label": "x"}) + "\n")
-    ok = dict(coordinator="127.0.0.1:9092", data=str(data), rank=None, device="cpu", dp_epsilon=None,
-              root_cert=None, insecure=True, auth_key=None, text_column="text", label_column="label")
+    ok = dict(
+        coordinator="127.0.0.1:9092",
+        data=str(data),
+        rank=None,
+        device="cpu",
+        dp_epsilon=None,
+        root_cert=None,
+        insecure=True,
+        auth_key=None,
+        text_column="text",
+        label_column="label",
+    )
     check_agent(**ok)
     cases = [
         ({"insecure": False}, "--root-cert FILE .* or --insecure"),
@@ -105,9 +125,18 @@ def test_node_config_survives_flowers_parser(tmp_path):
     data = tmp_path / "a folder" / 'x"y.jsonl'
     own = AgentPrivacy(epsilon=8.0, delta=1e-6, clip=0.5, max_steps=400)
     parsed = parse_config_args([node_config(data, 4, "auto", own, tmp_path / "state.toml", 120, "ab" * 32)])
-    assert parsed == {"data-path": str(data), "state-dir": str(tmp_path / "state.toml"), "num-examples": 120, "rank": 4,
-                      "dp-epsilon": 8.0, "dp-delta": 1e-6, "dp-clip": 0.5, "dp-max-steps": 400, "data-digest": "ab" * 32,
-                      "device": "auto"}
+    assert parsed == {
+        "data-path": str(data),
+        "state-dir": str(tmp_path / "state.toml"),
+        "num-examples": 120,
+        "rank": 4,
+        "dp-epsilon": 8.0,
+        "dp-delta": 1e-6,
+        "dp-clip": 0.5,
+        "dp-max-steps": 400,
+        "data-digest": "ab" * 32,
+        "device": "auto",
+    }
     assert AgentPrivacy.from_node(parsed) == own
     plain = parse_config_args([node_config(data, None, "cpu", AgentPrivacy(), tmp_path)])
     assert AgentPrivacy.from_node(plain) == AgentPrivacy() and "rank" not in plain and "dp-epsilon" not in plain
@@ -139,8 +168,14 @@ def test_a_deployed_client_reads_its_own_file(tmp_path):
     data.write_text("text,label\nshares rose,business\nthe match,sports\n")
     cfg = RunConfig(dp_epsilon=3.0, rank=8)
     facts = RunFacts(labels=("business", "politics", "sports"))
-    node = {"data-path": str(data), "rank": 4, "device": "cpu", "dp-epsilon": 1.5, "state-dir": str(tmp_path / "s"),
-            "data-digest": "ab" * 32}
+    node = {
+        "data-path": str(data),
+        "rank": 4,
+        "device": "cpu",
+        "dp-epsilon": 1.5,
+        "state-dir": str(tmp_path / "s"),
+        "data-digest": "ab" * 32,
+    }
     setup = local_setup(cfg, facts, Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
     assert setup.data.texts == ["shares rose", "the match"] and setup.data.labels == [0, 2]
     assert (setup.rank, setup.num_labels, setup.dp_epsilon, setup.index) == (4, 3, 1.5, 77)
@@ -148,7 +183,9 @@ def test_a_deployed_client_reads_its_own_file(tmp_path):
     assert setup.dp_delta == 1e-5 and setup.held_file == tmp_path / "s" / "runs" / "1" / "held.bin"
     assert setup.device == torch.device("cpu")
     with pytest.raises(Declined, match="no-labels"):
-        local_setup(RunConfig(), RunFacts(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
+        local_setup(
+            RunConfig(), RunFacts(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={})
+        )
     assert pick_device("auto").type in ("cpu", "cuda")
 
 
@@ -160,7 +197,9 @@ def test_a_deployed_causal_lm_client_reads_prompt_response_pairs(tmp_path, capsy
     cfg = RunConfig()
     cfg.update({"task": "causal-lm"})
     node = {"data-path": str(data), "device": "cpu"}
-    setup = local_setup(cfg, RunFacts(), Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={}))
+    setup = local_setup(
+        cfg, RunFacts(), Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+    )
     assert setup.data.prompts == ["What is 1 plus 2?"] and setup.data.responses == ["#### 3"] and setup.num_labels == 0
     check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, "text", "label", "causal-lm")
     assert "1 prompt/response pairs" in capsys.readouterr().out

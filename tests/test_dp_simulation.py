@@ -14,7 +14,26 @@ def test_epsilon_never_exceeds_the_target(tmp_path, strategy):
     cfg = tmp_path / "small.toml"
     cfg.write_text("local_steps = 3\nbatch_size = 8\neval_max_examples = 32\nmax_length = 32\ninit_batches = 2\n")
     out = tmp_path / "run"
-    assert main(["simulate", "--strategy", strategy, "--clients", "2", "--rounds", "3", "--dp-epsilon", "2.0", "--out", str(out), "--config", str(cfg)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--strategy",
+                strategy,
+                "--clients",
+                "2",
+                "--rounds",
+                "3",
+                "--dp-epsilon",
+                "2.0",
+                "--out",
+                str(out),
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epsilons = [r["epsilon"] for r in rows]
     assert all(e is not None and 0 < e <= 2.0 for e in epsilons)
@@ -30,7 +49,24 @@ def test_a_client_past_its_budget_declines_and_the_run_goes_on(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "small.toml"
     cfg.write_text("local_steps = 3\nbatch_size = 8\neval_max_examples = 32\nmax_length = 32\n")
-    assert main(["simulate", "--clients", "2", "--rounds", "2", "--dp-epsilon", "1.0", "--out", str(out), "--config", str(cfg)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--clients",
+                "2",
+                "--rounds",
+                "2",
+                "--dp-epsilon",
+                "1.0",
+                "--out",
+                str(out),
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     config["rounds"] = 3  # the coordinator now asks for more than the clients planned for
     (out / "config.json").write_text(json.dumps(config))

@@ -124,7 +124,9 @@ def test_fedavg_is_not_exact_and_says_so(tiny_bert):
 def test_ffa_and_fedsb_train_and_send_only_their_roles(tiny_bert):
     strategy, state = setup_strategy("fedsb", tiny_bert)
     updates, _ = client_round(strategy, tiny_bert, state)
-    assert updates[0].state and all(n.endswith("lora_R.weight") or n.startswith("classifier.") for n in updates[0].state)
+    assert updates[0].state and all(
+        n.endswith("lora_R.weight") or n.startswith("classifier.") for n in updates[0].state
+    )
     r = SPEC.rank
     assert all(t.shape == (r, r) for n, t in updates[0].state.items() if n.endswith("lora_R.weight"))
     ffa = make_strategy("ffa", SPEC)

@@ -10,7 +10,11 @@ import torch
 from fedlora.cli import main
 from fedlora.io.runs import load_run
 
-TEXTS = ["The central bank raised interest rates again.", "The striker scored twice in the final.", "A new phone chip was unveiled."]
+TEXTS = [
+    "The central bank raised interest rates again.",
+    "The striker scored twice in the final.",
+    "A new phone chip was unveiled.",
+]
 
 
 @pytest.fixture(scope="module", params=["fedsb", "flora"])
@@ -19,7 +23,20 @@ def run_dir(request, tmp_path_factory):
     cfg = tmp_path_factory.mktemp("cfg") / "small.toml"
     cfg.write_text("local_steps = 2\nbatch_size = 8\neval_max_examples = 16\nmax_length = 32\nlr = 0.01\n")
     extra = ["--ranks", "4,2"] if request.param == "flora" else []
-    args = ["simulate", "--strategy", request.param, "--clients", "2", "--rounds", "2", "--out", str(out), "--config", str(cfg), *extra]
+    args = [
+        "simulate",
+        "--strategy",
+        request.param,
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        *extra,
+    ]
     assert main(args) == 0
     return out
 
@@ -59,13 +76,21 @@ def test_merged_export_loads_with_transformers_alone(run_dir, tmp_path):
 
 def test_eval_prints_accuracy_and_rejects_bad_files(run_dir, tmp_path):
     data = tmp_path / "eval.jsonl"
-    data.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in zip(TEXTS, ["business", "sports", "tech"])))
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(data)], capture_output=True, text=True)
+    data.write_text(
+        "\n".join(json.dumps({"text": t, "label": lab}) for t, lab in zip(TEXTS, ["business", "sports", "tech"]))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(data)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("accuracy ") and "examples 3" in proc.stdout
     for bad in (tmp_path / "missing.jsonl", tmp_path / "bad.jsonl"):
         if bad.name == "bad.jsonl":
             bad.write_text("{not json\n")
-        proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(bad)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(bad)],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode != 0
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -18,7 +18,10 @@ def run_rounds(d_in: int, history_rank: int, rounds: int, d_out: int = 6):
     gen = torch.Generator().manual_seed(0)
     client_held, errors = {}, []
     for rnd in range(1, rounds + 1):
-        updates = [ClientUpdate(k, {A: torch.randn(2, d_in, generator=gen), B: torch.randn(d_out, 2, generator=gen)}, 10 + k) for k in range(3)]
+        updates = [
+            ClientUpdate(k, {A: torch.randn(2, d_in, generator=gen), B: torch.randn(d_out, 2, generator=gen)}, 10 + k)
+            for k in range(3)
+        ]
         # one client that takes part every round: catch-up from the round it last saw
         client_held = strategy.hold(client_held, strategy.catch_up(state, rnd - 2 if rnd > 1 else None))
         result = strategy.aggregate(state, updates, rnd)

@@ -25,8 +25,12 @@ def test_the_options_table_names_every_flag_with_its_default():
 
     table = options_table()
     assert "`--lr` (3e-3; causal-lm 5e-4)" in table and "`--rounds` (5)" in table
-    assert generated().with_tables("a\n<!-- options:start -->\nold\n<!-- options:end -->\n<!-- round-record:start -->"
-                                   "<!-- round-record:end -->") != "a"
+    assert (
+        generated().with_tables(
+            "a\n<!-- options:start -->\nold\n<!-- options:end -->\n<!-- round-record:start --><!-- round-record:end -->"
+        )
+        != "a"
+    )
 
 
 def test_the_readme_stays_short():

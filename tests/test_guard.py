@@ -78,19 +78,24 @@ def test_leftovers_that_watch_the_command_stop_by_themselves_without_a_second_si
     """Flower's executors stop themselves (SIGINT) when their parent goes; a SIGTERM from the
     guard on top of that raced their shutdown into a KeyboardInterrupt traceback in CI."""
     log = tmp_path / "watcher.log"
-    guard = subprocess.run([sys.executable, "-m", "fedlora.deploy.guard", sys.executable, "-c", LEAVES_A_WATCHER, str(log)], timeout=60)
+    guard = subprocess.run(
+        [sys.executable, "-m", "fedlora.deploy.guard", sys.executable, "-c", LEAVES_A_WATCHER, str(log)], timeout=60
+    )
     assert guard.returncode == 3  # the command's own status
     assert log.read_text().splitlines() == ["parent gone"]
 
 
-WAITS_WITH_A_WATCHER = LEAVES_A_WATCHER.replace("sys.exit(3)", 'print("started", flush=True)\nimport time\ntime.sleep(300)')
+WAITS_WITH_A_WATCHER = LEAVES_A_WATCHER.replace(
+    "sys.exit(3)", 'print("started", flush=True)\nimport time\ntime.sleep(300)'
+)
 
 
 def test_a_signalled_guard_stops_the_command_first_and_its_leftovers_stop_by_themselves(tmp_path):
     log = tmp_path / "watcher.log"
     guard = subprocess.Popen(
         [sys.executable, "-m", "fedlora.deploy.guard", sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert guard.stdout.readline().strip() == "started"

@@ -28,7 +28,9 @@ def test_default_defences_defeat_a_boosted_client(tmp_path):
     poison = tmp_path / "poison.toml"
     poison.write_text('[attack]\nclients = [2]\nkind = "scale"\nscale = 20.0\n')
     clean, _ = run(tmp_path, "clean")
-    attacked, _ = run(tmp_path, "attacked", "--config", str(poison), "--robust-norm-multiple", "0", "--robust-weight-cap", "0")
+    attacked, _ = run(
+        tmp_path, "attacked", "--config", str(poison), "--robust-norm-multiple", "0", "--robust-weight-cap", "0"
+    )
     protected, metrics = run(tmp_path, "protected", "--config", str(poison))
     assert attacked < clean - 0.10
     assert abs(protected - clean) <= 0.01

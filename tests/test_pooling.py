@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from fedlora.ml.adapters import LoRASpec, load_adapter_state
 from fedlora.cli import main
+from fedlora.ml.adapters import LoRASpec, load_adapter_state
 from fedlora.ml.models import MaskedMeanPooler, load_tokenizer
 from fedlora.ml.task import adapted_model, initial_adapter_state
 
@@ -53,8 +53,27 @@ def test_the_pooler_default_is_untouched():
 def mean_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mean") / "run"
     args = [
-        "simulate", "--strategy", "ffa", "--pooling", "mean", "--clients", "2", "--rounds", "2", "--local-steps", "2",
-        "--batch-size", "8", "--max-length", "32", "--eval-max-examples", "16", "--dp-epsilon", "8", "--out", str(out),
+        "simulate",
+        "--strategy",
+        "ffa",
+        "--pooling",
+        "mean",
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--eval-max-examples",
+        "16",
+        "--dp-epsilon",
+        "8",
+        "--out",
+        str(out),
     ]
     assert main(args) == 0
     return out
@@ -81,7 +100,9 @@ def test_a_model_without_a_pooler_to_replace_is_a_clear_error(tmp_path):
     from fedlora.errors import UserError
     from fedlora.ml.models import load_classifier
 
-    config = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = RobertaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
     with pytest.raises(UserError, match="pooling mean needs a BERT-style model"):
         load_classifier(str(tmp_path), 2, pooling="mean")

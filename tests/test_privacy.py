@@ -68,10 +68,21 @@ def _dp_trained(seed: int, examples: int, batch_size: int, steps: int) -> tuple[
     net = make_tiny_bert()
     inject_lora(net, LoRASpec(4, 8.0, ("query", "value")))
     set_trainable(net, ["lora_A", "lora_B", "head"])
-    data = TextDataset([f"word{i} other{i % 3} thing" for i in range(examples)], [i % 3 for i in range(examples)], ["a", "b", "c"])
+    data = TextDataset(
+        [f"word{i} other{i % 3} thing" for i in range(examples)], [i % 3 for i in range(examples)], ["a", "b", "c"]
+    )
     dp = privacy.plan(8.0, 1e-5, 1.0, len(data), batch_size, planned_steps=steps)
     stats, history = train_local(
-        net, TinyTokenizer(), data, dp=dp, history=[], steps=steps, batch_size=batch_size, lr=1e-2, max_length=8, seed=seed
+        net,
+        TinyTokenizer(),
+        data,
+        dp=dp,
+        history=[],
+        steps=steps,
+        batch_size=batch_size,
+        lr=1e-2,
+        max_length=8,
+        seed=seed,
     )
     return adapter_state(net), history, stats.examples
 
@@ -115,7 +126,9 @@ def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
 
     tiny_bert.train()
     model = GradSampleModule(tiny_bert)
-    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=4)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=4
+    )
     optimizer.zero_grad()
     F.cross_entropy(model(**tiny_inputs).logits, labels).backward()
     optimizer.pre_step()
@@ -126,7 +139,12 @@ def test_per_sample_clipping_matches_a_per_example_reference(tiny_inputs):
     reference = [torch.zeros_like(p) for p in params]
     for i in range(4):
         tiny_bert.zero_grad()
-        F.cross_entropy(tiny_bert(input_ids=tiny_inputs["input_ids"][i : i + 1], attention_mask=tiny_inputs["attention_mask"][i : i + 1]).logits, labels[i : i + 1]).backward()
+        F.cross_entropy(
+            tiny_bert(
+                input_ids=tiny_inputs["input_ids"][i : i + 1], attention_mask=tiny_inputs["attention_mask"][i : i + 1]
+            ).logits,
+            labels[i : i + 1],
+        ).backward()
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         assert float(norm) > clip  # every example is actually clipped

@@ -11,16 +11,33 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlora.io.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.errors import UserError
+from fedlora.io.checkpoint import load_checkpoint, save_checkpoint
 
-SMALL = ["--clients", "2", "--rounds", "3", "--local-steps", "2", "--max-length", "32", "--strategy", "flora", "--ranks", "4,2"]
+SMALL = [
+    "--clients",
+    "2",
+    "--rounds",
+    "3",
+    "--local-steps",
+    "2",
+    "--max-length",
+    "32",
+    "--strategy",
+    "flora",
+    "--ranks",
+    "4,2",
+]
 
 
 def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     state = {"a.lora_A.weight": torch.randn(2, 3), "merged.1.a.lora_B.weight": torch.randn(3, 2)}
     save_checkpoint(tmp_path, state, {"round": 4, "init": {"bytes_up": 1, "bytes_down": 2}, "seconds": 1.0})
-    save_checkpoint(tmp_path, {k: v + 1 for k, v in state.items()}, {"round": 5, "init": {"bytes_up": 1, "bytes_down": 2}, "seconds": 2.0})
+    save_checkpoint(
+        tmp_path,
+        {k: v + 1 for k, v in state.items()},
+        {"round": 5, "init": {"bytes_up": 1, "bytes_down": 2}, "seconds": 2.0},
+    )
     got, meta = load_checkpoint(tmp_path)
     assert meta["round"] == 5 and not list(tmp_path.glob("*.tmp"))
     for k in state:
@@ -45,7 +62,14 @@ def test_checkpoint_without_fedlora_metadata_is_a_user_error(tmp_path):
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fedlora.cli", "simulate", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli", "simulate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _eval_settings(tmp_path):

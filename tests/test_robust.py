@@ -67,7 +67,14 @@ def test_effect_norm_is_what_the_update_does_to_the_dense_weight():
         strategy.setup(dict(g))
         client = {"m.q.lora_A.weight": torch.randn(2, 6), "m.q.lora_B.weight": torch.randn(5, 2)}
         base = {} if name == "flora" else g
-        dense = lambda s: (8.0 / s["m.q.lora_A.weight"].shape[0]) * s["m.q.lora_B.weight"].double() @ s["m.q.lora_A.weight"].double()
+
+        def dense(s):
+            return (
+                (8.0 / s["m.q.lora_A.weight"].shape[0])
+                * s["m.q.lora_B.weight"].double()
+                @ s["m.q.lora_A.weight"].double()
+            )
+
         want = dense(client) - (dense(base) if base else 0)
         got = strategy.effect_norm(base if base else {}, client)
         assert abs(got - float(want.norm())) < 1e-6 * float(want.norm())

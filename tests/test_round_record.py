@@ -11,18 +11,56 @@ from fedlora.io.record import TABLE_END, TABLE_START, RoundRecord, markdown_tabl
 README = Path(__file__).resolve().parents[1] / "README.md"
 # the metrics.jsonl fields, in the order every earlier run wrote them
 FIELDS = [
-    "round", "strategy", "accuracy", "loss", "perplexity", "train_loss", "clients", "sampled", "rejected", "clipped",
-    "failed", "bytes_up", "bytes_down", "aggregation_error", "declined", "eval_examples", "epsilon", "train_seconds",
-    "train_tokens", "client_seconds", "aggregate_seconds", "eval_seconds", "seconds",
+    "round",
+    "strategy",
+    "accuracy",
+    "loss",
+    "perplexity",
+    "train_loss",
+    "clients",
+    "sampled",
+    "rejected",
+    "clipped",
+    "failed",
+    "bytes_up",
+    "bytes_down",
+    "aggregation_error",
+    "declined",
+    "eval_examples",
+    "epsilon",
+    "train_seconds",
+    "train_tokens",
+    "client_seconds",
+    "aggregate_seconds",
+    "eval_seconds",
+    "seconds",
 ]
 
 
 def sample(**overrides) -> RoundRecord:
     values = dict(
-        round=2, strategy="fedavg", accuracy=0.94144, loss=0.26501, train_loss=0.5, clients=4, sampled=4, rejected=0,
-        clipped=0, failed=0, bytes_up=3_580_000, bytes_down=3_600_000, aggregation_error=1.5e-8, declined=0,
-        eval_examples=96, epsilon=None, train_seconds=12.0, train_tokens=4000, client_seconds=14.0,
-        aggregate_seconds=0.1, eval_seconds=0.5, seconds=17.25,
+        round=2,
+        strategy="fedavg",
+        accuracy=0.94144,
+        loss=0.26501,
+        train_loss=0.5,
+        clients=4,
+        sampled=4,
+        rejected=0,
+        clipped=0,
+        failed=0,
+        bytes_up=3_580_000,
+        bytes_down=3_600_000,
+        aggregation_error=1.5e-8,
+        declined=0,
+        eval_examples=96,
+        epsilon=None,
+        train_seconds=12.0,
+        train_tokens=4000,
+        client_seconds=14.0,
+        aggregate_seconds=0.1,
+        eval_seconds=0.5,
+        seconds=17.25,
     )
     return RoundRecord(**{**values, **overrides})
 
@@ -63,6 +101,11 @@ def test_the_progress_line():
 def test_run_totals_count_the_initialisation_and_every_round():
     records = [sample(round=1, epsilon=0.5), sample(round=2, epsilon=1.0)]
     assert round_totals(records, {"bytes_up": 10, "bytes_down": 20}) == {
-        "bytes_up_total": 7_160_010, "bytes_down_total": 7_200_020, "init_bytes_up": 10, "init_bytes_down": 20,
+        "bytes_up_total": 7_160_010,
+        "bytes_down_total": 7_200_020,
+        "init_bytes_up": 10,
+        "init_bytes_down": 20,
     }
-    assert worst_epsilon(records, None) == 1.0 and worst_epsilon(records, 2.0) == 2.0 and worst_epsilon([], None) is None
+    assert (
+        worst_epsilon(records, None) == 1.0 and worst_epsilon(records, 2.0) == 2.0 and worst_epsilon([], None) is None
+    )

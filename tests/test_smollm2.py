@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from causal_helpers import write_jsonl
+
 from fedlora.cli import main
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -28,20 +28,54 @@ def test_smollm2_from_gguf_answers_and_trains(tmp_path):
     assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) > 100e6
     assert tokenizer.chat_template
     # dequantised correctly: the instruct model answers a trivial sum
-    answer = generate_answers(model, tokenizer, ["What is 2 + 3? Reply with the number."], batch_size=1, max_new_tokens=12)[0]
+    answer = generate_answers(
+        model, tokenizer, ["What is 2 + 3? Reply with the number."], batch_size=1, max_new_tokens=12
+    )[0]
     assert "5" in answer
 
-    rows = [json.loads(line) for line in (SHARED_GSM8K / "train.jsonl").read_text().splitlines()[:48]] if SHARED_GSM8K.is_dir() else [
-        {"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(8) for b in range(6)
-    ]
+    rows = (
+        [json.loads(line) for line in (SHARED_GSM8K / "train.jsonl").read_text().splitlines()[:48]]
+        if SHARED_GSM8K.is_dir()
+        else [
+            {"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a in range(8)
+            for b in range(6)
+        ]
+    )
     train = write_jsonl(tmp_path / "train.jsonl", rows[:40])
     test = write_jsonl(tmp_path / "test.jsonl", rows[40:])
     out = tmp_path / "run"
-    code = main([
-        "simulate", "--task", "causal-lm", "--strategy", "fedsb", "--data", str(train), "--eval-data", str(test),
-        "--clients", "2", "--rounds", "1", "--local-steps", "2", "--batch-size", "4", "--init-batches", "1",
-        "--max-length", "192", "--max-new-tokens", "48", "--generation-eval-examples", "4", "--out", str(out),
-    ])
+    code = main(
+        [
+            "simulate",
+            "--task",
+            "causal-lm",
+            "--strategy",
+            "fedsb",
+            "--data",
+            str(train),
+            "--eval-data",
+            str(test),
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--init-batches",
+            "1",
+            "--max-length",
+            "192",
+            "--max-new-tokens",
+            "48",
+            "--generation-eval-examples",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

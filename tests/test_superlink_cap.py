@@ -16,9 +16,23 @@ CAP = 200_000
 @pytest.fixture
 def capped_superlink(tmp_path):
     fleet, control = free_loopback_port(), free_loopback_port()
-    cmd = [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", str(CAP), "--insecure",
-           "--fleet-api-address", f"127.0.0.1:{fleet}", "--host", "127.0.0.1", "--port", str(control),
-           "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedlora.deploy.superlink",
+        "--max-message-bytes",
+        str(CAP),
+        "--insecure",
+        "--fleet-api-address",
+        f"127.0.0.1:{fleet}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(control),
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(tmp_path / "state.db"),
+    ]
     # under fedlora's guard in a session of its own, as the coordinator runs it: stopping it
     # stops the executor the SuperLink starts too
     proc = start(cmd, child_env(tmp_path), tmp_path / "superlink.log")
@@ -49,5 +63,9 @@ def test_the_cap_follows_the_update_limit():
 
 
 def test_a_bad_cap_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", "lots"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", "lots"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and proc.stderr.strip().startswith("usage:") and "Traceback" not in proc.stderr

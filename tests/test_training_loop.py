@@ -21,7 +21,9 @@ class Tokenizer:
 
 
 def _data(n: int) -> TextDataset:
-    return TextDataset([f"word{i} other{i % 3} thing{i % 5}" for i in range(n)], [i % 3 for i in range(n)], ["a", "b", "c"])
+    return TextDataset(
+        [f"word{i} other{i % 3} thing{i % 5}" for i in range(n)], [i % 3 for i in range(n)], ["a", "b", "c"]
+    )
 
 
 def _net(dropout: float = 0.1):
@@ -79,7 +81,9 @@ def test_dp_training_leaves_a_plain_module_in_eval_mode():
     net, data = _net(), _data(40)
     requires_grad = [p.requires_grad for p in net.parameters()]
     dp = privacy.plan(8.0, 1e-5, 1.0, len(data), 8, planned_steps=10)
-    stats, history = train_local(net, Tokenizer(), data, dp=dp, history=[], steps=3, batch_size=8, lr=1e-2, max_length=8, seed=0)
+    stats, history = train_local(
+        net, Tokenizer(), data, dp=dp, history=[], steps=3, batch_size=8, lr=1e-2, max_length=8, seed=0
+    )
     assert history == [(dp.noise_multiplier, dp.sample_rate, 3)] and stats.steps == 3
     _assert_plain(net, requires_grad)
 

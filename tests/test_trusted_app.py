@@ -30,7 +30,10 @@ def test_the_coordinators_own_bundle_is_accepted():
     [
         ({"pyproject.toml": APP_PYPROJECT, "evil.py": "import os"}, "code or files of its own"),
         ({"pyproject.toml": APP_PYPROJECT, "fedlora/client/app.py": "app = None"}, "code or files of its own"),
-        ({"pyproject.toml": APP_PYPROJECT.replace("fedlora.client.app:app", "evil:app")}, "not 'fedlora.client.app:app'"),
+        (
+            {"pyproject.toml": APP_PYPROJECT.replace("fedlora.client.app:app", "evil:app")},
+            "not 'fedlora.client.app:app'",
+        ),
         ({"pyproject.toml": APP_PYPROJECT.replace("dependencies = []", 'dependencies = ["stealer"]')}, "dependencies"),
         ({"pyproject.toml": "not [toml"}, "not a readable"),
         ({}, "no pyproject.toml"),
@@ -51,7 +54,12 @@ def test_the_launcher_wraps_flowers_clientapp_entry_point(tmp_path):
     folder = write_launcher(tmp_path / "bin")
     launcher = folder / "flwr-clientapp"
     assert launcher.stat().st_mode & 0o777 == 0o700 and folder.stat().st_mode & 0o777 == 0o700
-    proc = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"})
+    proc = subprocess.run(
+        [str(launcher), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert proc.returncode == 0 and "--runtime-api-address" in proc.stdout
     assert launcher.read_text().startswith(f"#!{sys.executable}")

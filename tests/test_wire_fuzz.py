@@ -9,7 +9,9 @@ from fedlora.io import wire
 EXPECTED = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (4, 2), "classifier.bias": (5,)}
 VALID = wire.encode_update(
     {n: torch.randn(s, generator=torch.Generator().manual_seed(0)) for n, s in EXPECTED.items()},
-    strategy="fedavg", round_num=1, num_examples=3,
+    strategy="fedavg",
+    round_num=1,
+    num_examples=3,
 )
 
 
@@ -27,7 +29,10 @@ def test_random_bytes(blob):
 
 
 @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8), st.integers(0, len(VALID)))
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(0, len(VALID)),
+)
 def test_mutated_valid_payloads(flips, cut):
     blob = bytearray(VALID)
     for pos, value in flips:

@@ -15,10 +15,6 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
-from fedlora.ml.data import load_text_file
-from fedlora.ml.instructions import load_instruction_file
-from fedlora.errors import UserError
 from fedlora.deploy.processes import (
     child_env,
     flower_executable,
@@ -29,12 +25,22 @@ from fedlora.deploy.processes import (
     terminate_on_sigterm,
 )
 from fedlora.deploy.trusted_app import write_launcher
+from fedlora.errors import UserError
+from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
+from fedlora.ml.data import load_text_file
+from fedlora.ml.instructions import load_instruction_file
 
 DEVICES = ("auto", "cuda", "cpu")
 
 
 def node_config(
-    data: Path, rank: int | None, device: str, own: AgentPrivacy, state_dir: Path, num_examples: int = 0, digest: str = ""
+    data: Path,
+    rank: int | None,
+    device: str,
+    own: AgentPrivacy,
+    state_dir: Path,
+    num_examples: int = 0,
+    digest: str = "",
 ) -> str:
     """Flower's ``--node-config``: ``key=value`` pairs, strings as TOML literal strings
     (Flower's parser allows any character in them but the quote itself)."""
@@ -114,7 +120,9 @@ def run_agent(
     dp_reset: bool = False,
 ) -> int:
     own.check()
-    num_examples = check_agent(coordinator, data, rank, device, own.epsilon, root_cert, insecure, auth_key, text_column, label_column, task)
+    num_examples = check_agent(
+        coordinator, data, rank, device, own.epsilon, root_cert, insecure, auth_key, text_column, label_column, task
+    )
     state = Path(state_dir).resolve() if state_dir else default_state_dir()
     lock = lock_state_dir(state)  # held until this process exits: one agent per state folder
     digest = data_digest(data)
@@ -164,8 +172,11 @@ def _echo(stream, problems: deque[str]) -> None:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KNOWN_REFUSALS = (
     ("handshake", "TLS handshake with the coordinator failed: is --root-cert the CA that signed its certificate?"),
-    ("[code: 2004]", "the coordinator refused this client's key: is its public key registered there? "
-                     "(After a restart, also wait until the coordinator has marked the old agent offline, about a minute.)"),
+    (
+        "[code: 2004]",
+        "the coordinator refused this client's key: is its public key registered there? "
+        "(After a restart, also wait until the coordinator has marked the old agent offline, about a minute.)",
+    ),
     ("[code: 2001]", "the coordinator requires node authentication: pass --auth-key"),
     ("refused the coordinator's app bundle", "the coordinator sent an app bundle other than fedlora's own: refused"),
     ("Giving up", "the coordinator could not be reached"),

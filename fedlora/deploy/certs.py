@@ -49,7 +49,9 @@ def _private_dir(path: Path) -> Path:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(host: str) -> x509.SubjectAlternativeName:
@@ -75,13 +77,15 @@ def write_certificates(out: str | Path, host: str, clients: int, overwrite: bool
     _clear_for_writing(out, overwrite)
     ca_dir, coord_dir, clients_dir = (_private_dir(out / name) for name in LAYOUT)
     _private_dir(coord_dir / "auth-keys")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     until = now + datetime.timedelta(days=VALID_DAYS)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = _name("fedlora test CA")
     ca_cert = _certificate(ca_name, ca_name, ca_key.public_key(), ca_key, now, until, [], ca=True)
     server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    server_cert = _certificate(_name(host), ca_name, server_key.public_key(), ca_key, now, until, [_san(host)], ca=False)
+    server_cert = _certificate(
+        _name(host), ca_name, server_key.public_key(), ca_key, now, until, [_san(host)], ca=False
+    )
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     _write(ca_dir / "ca.crt", ca_pem)
     _write(ca_dir / "ca.key", _pem_key(ca_key), private=True)
@@ -105,7 +109,9 @@ def _clear_for_writing(out: Path, overwrite: bool) -> None:
                 shutil.rmtree(out / name)
 
 
-def _certificate(subject, issuer, public_key, signing_key, now, until, extensions: list, *, ca: bool) -> x509.Certificate:
+def _certificate(
+    subject, issuer, public_key, signing_key, now, until, extensions: list, *, ca: bool
+) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -117,14 +123,18 @@ def _certificate(subject, issuer, public_key, signing_key, now, until, extension
     )
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
-    constraints = x509.BasicConstraints(ca=True, path_length=0) if ca else x509.BasicConstraints(ca=False, path_length=None)
+    constraints = (
+        x509.BasicConstraints(ca=True, path_length=0) if ca else x509.BasicConstraints(ca=False, path_length=None)
+    )
     return builder.add_extension(constraints, critical=True).sign(signing_key, hashes.SHA256())
 
 
 def _write_client_key(i: int, clients_dir: Path, auth_keys: Path, ca_pem: bytes) -> None:
     """client-i's folder (the CA and its private key) and its public key for the coordinator."""
     key = ec.generate_private_key(ec.SECP384R1())  # Flower takes ECDSA keys on NIST curves
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     client_dir = _private_dir(clients_dir / f"client-{i}")
     _write(client_dir / "ca.crt", ca_pem)

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config import RunConfig
-from fedlora.errors import UserError
-from fedlora.io.report import write_json_atomic
 from fedlora.deploy.processes import (
     child_env,
     flower_executable,
@@ -30,6 +28,8 @@ from fedlora.deploy.processes import (
     terminate_on_sigterm,
     wait_for_port,
 )
+from fedlora.errors import UserError
+from fedlora.io.report import write_json_atomic
 
 APP_PYPROJECT = """\
 [project]
@@ -117,7 +117,9 @@ class _Flower:
             result = {}
         if proc.returncode != 0 or not result.get("success", True):
             detail = result.get("error-message") or (proc.stderr or text).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''}: {detail if isinstance(detail, str) else detail[0]}")
+            raise UserError(
+                f"flwr {args[0]} {args[1] if len(args) > 1 else ''}: {detail if isinstance(detail, str) else detail[0]}"
+            )
         return result
 
 
@@ -129,7 +131,7 @@ def key_fingerprint(path: Path) -> str:
     return hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()
 
 
-def sync_registered_keys(cli: "_Flower", keys: list[Path], registry_path: Path) -> None:
+def sync_registered_keys(cli: _Flower, keys: list[Path], registry_path: Path) -> None:
     """Make the SuperLink's registered keys exactly ``keys``: register the new ones and
     unregister the nodes of keys no longer listed (the SuperLink's database keeps them
     across a restart). ``registry_path`` maps each key we registered to its node id."""
@@ -147,8 +149,10 @@ def sync_registered_keys(cli: "_Flower", keys: list[Path], registry_path: Path) 
                 registry[fingerprint] = int(cli.call("supernode", "register", str(key))["node-id"])
             except UserError as exc:
                 if "already in use" in str(exc):
-                    raise UserError(f"{key} is registered, but not by this run's record of keys ({registry_path}): "
-                                    "start the run afresh with --overwrite") from None
+                    raise UserError(
+                        f"{key} is registered, but not by this run's record of keys ({registry_path}): "
+                        "start the run afresh with --overwrite"
+                    ) from None
                 raise
     finally:
         write_json_atomic(registry_path, registry)
@@ -241,9 +245,11 @@ def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = Fa
             stop(superlink)
     superlink, cli = _start_superlink(dep, flower, dep.address, superlink_log, cap)
     try:
-        progress(f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
-                 f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
-                 f"waiting for {cfg.clients} clients")
+        progress(
+            f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
+            f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
+            f"waiting for {cfg.clients} clients"
+        )
         run_config = write_app(flower / "app", cfg, out, resume)
         run_id = cli.call("run", str(flower / "app"), "local", "--run-config", str(run_config))["run-id"]
         offset = log_path.stat().st_size if resume and log_path.is_file() else 0  # echo only what is new

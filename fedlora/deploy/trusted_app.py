@@ -30,7 +30,9 @@ def check_bundle(fab: bytes) -> None:
             files = sorted(n for n in archive.namelist() if not n.startswith(FLOWER_METADATA))
             if files != ["pyproject.toml"]:
                 extra = [n for n in files if n != "pyproject.toml"][:3]
-                raise UntrustedBundle(f"it carries code or files of its own ({', '.join(extra) or 'no pyproject.toml'})")
+                raise UntrustedBundle(
+                    f"it carries code or files of its own ({', '.join(extra) or 'no pyproject.toml'})"
+                )
             project = tomllib.loads(archive.read("pyproject.toml").decode())
     except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise UntrustedBundle("it is not a readable Flower app bundle") from None
@@ -53,7 +55,9 @@ def write_launcher(folder: Path) -> Path:
 def main() -> None:
     """Flower's ``flwr-clientapp``, with the bundle checked before it is installed."""
     from flwr.supernode.cli import flwr_clientapp  # lazy: the agent imports this module for write_launcher alone
-    from flwr.supernode.runtime import run_clientapp as runtime  # lazy: the agent imports this module for write_launcher alone
+    from flwr.supernode.runtime import (
+        run_clientapp as runtime,  # lazy: the agent imports this module for write_launcher alone
+    )
 
     install = runtime.install_from_fab
 

@@ -22,13 +22,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedlora.client.app import train
+from fedlora.config import RunConfig
+from fedlora.flower.messages import RECORD
 from fedlora.io import wire
 from fedlora.ml.adapters import ROLE_A, ROLE_B, role_of
-from fedlora.config import RunConfig
 from fedlora.strategies.base import State, lora_deltas
 from fedlora.strategies.fedsb import GRAD_U
-from fedlora.flower.messages import RECORD
-from fedlora.client.app import train
 
 CLAIMED_EXAMPLES = wire.MAX_EXAMPLES  # the most the decoder lets through: the weight cap must stop it
 
@@ -66,8 +66,13 @@ def attacked_payload(cfg: RunConfig, reply: bytes, received: State) -> bytes:
     if kind == "oversized":
         tensors = {**tensors, "oversized.weight": torch.zeros(cfg.max_update_mb * 1024 * 1024 // 4 + 1)}
     return wire.encode(
-        tensors, kind=payload.kind, strategy=payload.strategy, round_num=payload.round, num_examples=claimed,
-        metrics=payload.metrics, dp=payload.dp,
+        tensors,
+        kind=payload.kind,
+        strategy=payload.strategy,
+        round_num=payload.round,
+        num_examples=claimed,
+        metrics=payload.metrics,
+        dp=payload.dp,
     )
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -22,12 +21,19 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.flower.messages import FACTS, HELD_DIGEST, PHASE_INIT, PHASE_TRAIN, RECORD, RESYNC, RunFacts
 from fedlora.io import wire
 from fedlora.ml.adapters import role_of
-from fedlora.strategies.base import AdapterStrategy, ClientUpdate, FederatedInit, Shape, State, UpdateRejected, held_digest
+from fedlora.strategies.base import (
+    AdapterStrategy,
+    ClientUpdate,
+    FederatedInit,
+    Shape,
+    State,
+    UpdateRejected,
+    held_digest,
+)
 from fedlora.strategies.robust import NormScreen, Screened, cap_weights
 from fedlora.untrusted import one_line
 
 log = logging.getLogger("fedlora")
-
 
 
 MAX_METRIC = 1e12  # a client-reported count or time beyond this is not believed
@@ -97,7 +103,9 @@ class FlowerStrategy(Strategy):
         self.max_update_bytes = max_update_bytes
         self.weight_cap = weight_cap
         self.norm_screen = NormScreen(robust_multiple, robust_mode, robust_max_norm, robust_reference)
-        self.init_screen = NormScreen(robust_multiple, robust_mode, robust_max_norm)  # its own scale: no carried reference
+        self.init_screen = NormScreen(
+            robust_multiple, robust_mode, robust_max_norm
+        )  # its own scale: no carried reference
         self.stats = RoundStats()
         self.init_stats: RoundStats | None = None
         self.connected: list[int] = []  # the nodes seen when the last round started
@@ -111,8 +119,15 @@ class FlowerStrategy(Strategy):
 
     def _message(self, node_id: int, payload: bytes, server_round: int, phase: str) -> Message:
         record = ConfigRecord(
-            {"payload": payload, "run_config": self.run_config_json, FACTS: self.run_facts_json, "round": server_round, "phase": phase, "wire_dtype": self.wire_dtype,
-             "init_dtype": self.init_dtype}
+            {
+                "payload": payload,
+                "run_config": self.run_config_json,
+                FACTS: self.run_facts_json,
+                "round": server_round,
+                "phase": phase,
+                "wire_dtype": self.wire_dtype,
+                "init_dtype": self.init_dtype,
+            }
         )
         if phase == PHASE_TRAIN:  # after its catch-up, a client holds every persistent tensor of the global state
             record[HELD_DIGEST] = held_digest(self.strategy, self.global_state)
@@ -120,7 +135,11 @@ class FlowerStrategy(Strategy):
 
     def _encode_down(self, tensors: State, server_round: int) -> bytes:
         return wire.encode(
-            tensors, kind="global", strategy=self.strategy.name, round_num=server_round, wire_dtype=self.wire_dtype,
+            tensors,
+            kind="global",
+            strategy=self.strategy.name,
+            round_num=server_round,
+            wire_dtype=self.wire_dtype,
             role_dtypes=self._frozen_dtypes(),
         )
 
@@ -158,8 +177,12 @@ class FlowerStrategy(Strategy):
         """Build the initial adapters from the clients' gradient sketches; False when none was valid."""
         stats = self.init_stats
         strategy = self._require_init()
-        valid = self._valid_updates(0, replies, strategy.expected_init_shapes(), stats, strategy.check_init, kind="init")
-        screened = self.init_screen.screen(cap_weights([u for u, _ in valid], self.weight_cap), strategy.init_effect_norm, strategy.shrink_init)
+        valid = self._valid_updates(
+            0, replies, strategy.expected_init_shapes(), stats, strategy.check_init, kind="init"
+        )
+        screened = self.init_screen.screen(
+            cap_weights([u for u, _ in valid], self.weight_cap), strategy.init_effect_norm, strategy.shrink_init
+        )
         self._count_screened(0, screened, stats)
         grads = screened.kept
         stats.clients = len(grads)
@@ -275,7 +298,11 @@ class FlowerStrategy(Strategy):
             try:
                 update = self._read_reply(server_round, node, reply, expected, stats, check, kind)
             except Exception as exc:  # noqa: BLE001 - any client input: its reply is rejected, the round goes on
-                reason = one_line(exc) if isinstance(exc, (wire.InvalidUpdate, UpdateRejected)) else f"unreadable reply ({type(exc).__name__})"
+                reason = (
+                    one_line(exc)
+                    if isinstance(exc, (wire.InvalidUpdate, UpdateRejected))
+                    else f"unreadable reply ({type(exc).__name__})"
+                )
                 stats.rejected += 1
                 stats.reasons.append(f"client {node}: {reason}")
                 log.warning("rejected update from client %s in round %d: %s", node, server_round, reason)
@@ -290,8 +317,14 @@ class FlowerStrategy(Strategy):
         return valid
 
     def _read_reply(
-        self, server_round: int, node: int, reply: Message, expected: dict[str, Shape], stats: RoundStats,
-        check: Callable[[State], None], kind: str,
+        self,
+        server_round: int,
+        node: int,
+        reply: Message,
+        expected: dict[str, Shape],
+        stats: RoundStats,
+        check: Callable[[State], None],
+        kind: str,
     ) -> tuple[ClientUpdate, MetricRecord | None] | None:
         """One client's reply as an update, None when it failed or declined; raises on anything invalid."""
         if reply.has_error():
@@ -322,7 +355,12 @@ class FlowerStrategy(Strategy):
         blob = record["payload"]
         stats.bytes_up += len(blob)
         tensors, n = wire.decode_update(
-            blob, expected, strategy=self.strategy.name, round_num=server_round, max_bytes=self.max_update_bytes, kind=kind
+            blob,
+            expected,
+            strategy=self.strategy.name,
+            round_num=server_round,
+            max_bytes=self.max_update_bytes,
+            kind=kind,
         )
         check(tensors)
         return ClientUpdate(node, tensors, n), metrics
@@ -332,11 +370,15 @@ class FlowerStrategy(Strategy):
         """The largest privacy budget any client has spent so far (None without DP)."""
         return max(self.epsilons.values()) if self.epsilons else None
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return []  # evaluation is central, on the coordinator's held-out split
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
     def summary(self) -> None:
-        log.info("fedlora strategy %s, fraction %.2f, wire dtype %s", self.strategy.name, self.fraction, self.wire_dtype)
+        log.info(
+            "fedlora strategy %s, fraction %.2f, wire dtype %s", self.strategy.name, self.fraction, self.wire_dtype
+        )

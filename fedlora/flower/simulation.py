@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 from datetime import datetime
 from pathlib import Path
 
+from fedlora.client.app import app as honest_client_app
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
+from fedlora.flower.attacks import attacking_client_app
 from fedlora.ml.models import resolve_model_path
 from fedlora.ml.task import check_target_modules, load_splits
-import json
-from fedlora.client.app import app as honest_client_app
 from fedlora.server.app import make_server_app
-from fedlora.flower.attacks import attacking_client_app
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -71,7 +71,9 @@ def simulate(cfg: RunConfig, out_dir: Path | None = None, progress=print, resume
         },
     }
     if cfg.attack_clients:
-        progress(f"simulated attack: client(s) {list(cfg.attack_clients)} send {cfg.attack_kind!r} updates (scale {cfg.attack_scale:g})")
+        progress(
+            f"simulated attack: client(s) {list(cfg.attack_clients)} send {cfg.attack_kind!r} updates (scale {cfg.attack_scale:g})"
+        )
         client_app = attacking_client_app()
     else:
         client_app = honest_client_app

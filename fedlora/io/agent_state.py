@@ -40,12 +40,17 @@ class AgentPrivacy:
     max_steps: int = DEFAULT_MAX_STEPS
 
     @classmethod
-    def from_node(cls, node: Mapping) -> "AgentPrivacy":
+    def from_node(cls, node: Mapping) -> AgentPrivacy:
         def number(key: str):
             value = node.get(key)
             return None if value in (None, "", 0) else float(value)
 
-        return cls(number("dp-epsilon"), number("dp-delta"), number("dp-clip") or 1.0, int(number("dp-max-steps") or DEFAULT_MAX_STEPS))
+        return cls(
+            number("dp-epsilon"),
+            number("dp-delta"),
+            number("dp-clip") or 1.0,
+            int(number("dp-max-steps") or DEFAULT_MAX_STEPS),
+        )
 
     def node_config(self) -> list[str]:
         """The pinned values as Flower node-config pairs (``from_node`` reads them back)."""
@@ -154,5 +159,7 @@ def lock_state_dir(state_dir: Path) -> IO:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise UserError(f"another agent is using the state folder {state_dir}: give each agent its own --state-dir") from None
+        raise UserError(
+            f"another agent is using the state folder {state_dir}: give each agent its own --state-dir"
+        ) from None
     return fh

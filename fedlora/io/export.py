@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from safetensors.torch import save_file
 
-from fedlora.ml.adapters import ROLE_A, ROLE_HEAD, head_module, role_of
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.ml.models import resolve_model_path
-from peft import LoraConfig
-from fedlora.ml.adapters import merge_lora
-from fedlora.ml.models import load_tokenizer
 from fedlora.io.runs import load_run
+from fedlora.ml.adapters import ROLE_A, ROLE_HEAD, head_module, merge_lora, role_of
+from fedlora.ml.models import load_tokenizer, resolve_model_path
 
 PEFT_PREFIX = "base_model.model."
 

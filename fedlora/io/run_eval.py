@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
+from peft import PeftModel
+from safetensors.torch import load_file
 from torch import nn
 
-from fedlora.ml.data import TextDataset, load_text_file
 from fedlora.errors import UserError
-from fedlora.ml.models import load_classifier, load_tokenizer
-from fedlora.io.runs import is_run_dir
-from fedlora.ml.training import evaluate
-from fedlora.ml.evaluation import evaluate_global_model
-from peft import PeftModel
 from fedlora.io.runs import is_run_dir, load_run
+from fedlora.ml.data import TextDataset, load_text_file
+from fedlora.ml.evaluation import evaluate_global_model
 from fedlora.ml.instructions import load_instruction_file
-from fedlora.ml.models import load_tokenizer
-from fedlora.io.runs import load_run
-from safetensors.torch import load_file
+from fedlora.ml.models import load_classifier, load_tokenizer
+from fedlora.ml.training import evaluate
 
 
 def load_for_eval(path: str | Path) -> tuple[nn.Module, object, list[str] | None, int]:

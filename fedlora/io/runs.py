@@ -8,14 +8,14 @@ from pathlib import Path
 
 from torch import nn
 
-from fedlora.ml.adapters import inject_lora
-from fedlora.io.checkpoint import load_checkpoint
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
+from fedlora.io.checkpoint import load_checkpoint
+from fedlora.ml.adapters import inject_lora
 from fedlora.ml.models import load_base_model
+from fedlora.ml.task import initial_adapter_state
 from fedlora.strategies import build_strategy
 from fedlora.strategies.base import AdapterStrategy, State
-from fedlora.ml.task import initial_adapter_state, lora_spec
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlora.ml.adapters import role_of
 from fedlora.io.schema import update_pb2 as pb
+from fedlora.ml.adapters import role_of
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -76,10 +76,24 @@ def encode(
 
 
 def encode_update(
-    tensors: Mapping[str, torch.Tensor], *, strategy: str, round_num: int, num_examples: int, wire_dtype: str = "fp32", **extra
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strategy: str,
+    round_num: int,
+    num_examples: int,
+    wire_dtype: str = "fp32",
+    **extra,
 ) -> bytes:
     """A client's training update."""
-    return encode(tensors, kind="update", strategy=strategy, round_num=round_num, num_examples=num_examples, wire_dtype=wire_dtype, **extra)
+    return encode(
+        tensors,
+        kind="update",
+        strategy=strategy,
+        round_num=round_num,
+        num_examples=num_examples,
+        wire_dtype=wire_dtype,
+        **extra,
+    )
 
 
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
@@ -88,7 +102,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
     return _payload(msg, _decode_tensors(msg.tensors))
 
 
-def _parse(data: bytes, max_bytes: int) -> "pb.Payload":
+def _parse(data: bytes, max_bytes: int) -> pb.Payload:
     """The message with its header checked; no tensor data is touched yet."""
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidUpdate(f"payload is {type(data).__name__}, not bytes")
@@ -108,7 +122,7 @@ def _parse(data: bytes, max_bytes: int) -> "pb.Payload":
     return msg
 
 
-def _payload(msg: "pb.Payload", tensors: dict[str, torch.Tensor]) -> Payload:
+def _payload(msg: pb.Payload, tensors: dict[str, torch.Tensor]) -> Payload:
     metrics = {k: float(v) for k, v in msg.metrics.items()}
     dp = None
     if msg.HasField("dp"):
@@ -138,10 +152,10 @@ def _check_shape(name: str, shape: list[int]) -> None:
     """Before anything is allocated: a bounded number of bounded dimensions (an empty
     tensor's other dimensions could otherwise overflow an allocator's size arithmetic)."""
     if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
-        raise InvalidUpdate(f"tensor {name!r} has an invalid shape {shape[:MAX_DIMS + 1]}")
+        raise InvalidUpdate(f"tensor {name!r} has an invalid shape {shape[: MAX_DIMS + 1]}")
 
 
-def _decode_tensor(t: "pb.Tensor") -> torch.Tensor:
+def _decode_tensor(t: pb.Tensor) -> torch.Tensor:
     name = t.name
     if t.dtype not in _FROM_PB:
         raise InvalidUpdate(f"tensor {name!r} has an unknown dtype {t.dtype}")

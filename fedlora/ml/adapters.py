@@ -50,9 +50,7 @@ class LoRALinear(nn.Module):
         dtype, device = base_layer.weight.dtype, base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, dtype=dtype, device=device)
-        self.lora_R = (
-            nn.Linear(rank, rank, bias=False, dtype=dtype, device=device) if with_r else None
-        )
+        self.lora_R = nn.Linear(rank, rank, bias=False, dtype=dtype, device=device) if with_r else None
         self.reset_adapter()
         for p in self.base_layer.parameters():
             p.requires_grad = False
@@ -116,9 +114,7 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         raise ValueError(f"target module(s) {unmatched} match no nn.Linear layer of the model")
     if not spec.target_modules:
         raise ValueError("no target modules: LoRA would train nothing but the head")
-    targets = [
-        (name, model.get_submodule(name)) for name in linear_names if _matches(name, spec.target_modules)
-    ]
+    targets = [(name, model.get_submodule(name)) for name in linear_names if _matches(name, spec.target_modules)]
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

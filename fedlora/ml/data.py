@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from fedlora.errors import UserError
-import datasets
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+from fedlora.errors import UserError
 
 DEFAULT_DATASET = "bbcnews"
 SUPPORTED_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -29,16 +29,19 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: list[int] | np.ndarray) -> "TextDataset":
-        return TextDataset(
-            [self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names
-        )
+    def subset(self, indices: list[int] | np.ndarray) -> TextDataset:
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
-    def batch(self, tokenizer, indices, max_length: int, device="cpu", pad_to_max: bool = False) -> tuple[dict, torch.Tensor]:
+    def batch(
+        self, tokenizer, indices, max_length: int, device="cpu", pad_to_max: bool = False
+    ) -> tuple[dict, torch.Tensor]:
         """Model inputs and label indices for the examples at ``indices``."""
         enc = tokenizer(
-            [self.texts[i] for i in indices], truncation=True, max_length=max_length,
-            padding="max_length" if pad_to_max else True, return_tensors="pt",
+            [self.texts[i] for i in indices],
+            truncation=True,
+            max_length=max_length,
+            padding="max_length" if pad_to_max else True,
+            return_tensors="pt",
         )
         inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return inputs, torch.tensor([self.labels[i] for i in indices], device=device)
@@ -74,9 +77,7 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
     ds = read_table(path)
     for column in (text_column, label_column):
         if column not in ds.column_names:
-            raise UserError(
-                f"column {column!r} not in {path} (columns: {', '.join(ds.column_names)})"
-            )
+            raise UserError(f"column {column!r} not in {path} (columns: {', '.join(ds.column_names)})")
     texts = [str(t) for t in ds[text_column]]
     raw_labels = list(ds[label_column])
     if any(label is None for label in raw_labels) or any(t is None for t in ds[text_column]):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import random
 
+import torch
 from torch import nn
 
 from fedlora.config import RunConfig
-import torch
 from fedlora.ml.generation import generation_accuracy, response_perplexity
 from fedlora.ml.training import evaluate
 
@@ -32,10 +32,14 @@ def seeded_slice(examples, size: int, seed: int):
 def evaluate_global_model(model: nn.Module, tokenizer, cfg: RunConfig, examples, *, final: bool, device="cpu") -> dict:
     """``accuracy`` (None for a causal LM between rounds), ``loss``, and ``perplexity`` for a causal LM."""
     if cfg.task != "causal-lm":
-        accuracy, loss = evaluate(model, tokenizer, examples, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device)
+        accuracy, loss = evaluate(
+            model, tokenizer, examples, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device
+        )
         return {"accuracy": accuracy, "loss": loss}
 
-    nll, perplexity = response_perplexity(model, tokenizer, examples, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device)
+    nll, perplexity = response_perplexity(
+        model, tokenizer, examples, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device
+    )
     result = {"accuracy": None, "loss": nll, "perplexity": perplexity}
     if final:
         answered = seeded_slice(examples, cfg.generation_eval_examples, cfg.seed)

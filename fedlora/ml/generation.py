@@ -45,8 +45,12 @@ def generate_answers(
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
         )
         answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
     return answers
@@ -64,5 +68,7 @@ def exact_match(answers: list[str], references: list[str]) -> float:
 def generation_accuracy(
     model: nn.Module, tokenizer, data: InstructionDataset, *, batch_size: int, max_new_tokens: int, device="cpu"
 ) -> float:
-    answers = generate_answers(model, tokenizer, data.prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
+    answers = generate_answers(
+        model, tokenizer, data.prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
+    )
     return exact_match(answers, data.responses)

@@ -14,10 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fedlora.errors import UserError
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedlora.errors import UserError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

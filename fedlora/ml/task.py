@@ -11,15 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from fedlora.ml.adapters import LoRASpec, adapter_state, head_module, inject_lora, reshape_adapters
 from fedlora.config import RunConfig
-from fedlora.ml.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.errors import UserError
+from fedlora.ml.adapters import LoRASpec, adapter_state, head_module, inject_lora, reshape_adapters
+from fedlora.ml.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.ml.instructions import InstructionDataset, load_instruction_file
 from fedlora.ml.models import load_base_model, load_tokenizer, model_skeleton
-import torch
 
 
 @dataclass
@@ -36,8 +36,18 @@ class Splits:
 def data_key(cfg: RunConfig) -> str:
     """The config fields that decide the data splits, as a hashable cache key."""
     keys = (
-        "task", "data", "text_column", "label_column", "prompt_column", "response_column", "eval_data",
-        "test_fraction", "seed", "partition", "alpha", "clients",
+        "task",
+        "data",
+        "text_column",
+        "label_column",
+        "prompt_column",
+        "response_column",
+        "eval_data",
+        "test_fraction",
+        "seed",
+        "partition",
+        "alpha",
+        "clients",
     )
     return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
 

@@ -144,12 +144,25 @@ def _run(
     history = [tuple(h) for h in history or []]
     if dp is not None:
         with private(
-            model, optimizer, tokenizer, data, dp=dp, history=history, batch_size=batch_size, max_length=max_length,
-            seed=seed, device=device,
+            model,
+            optimizer,
+            tokenizer,
+            data,
+            dp=dp,
+            history=history,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            device=device,
         ) as run:
             stats = run_steps(
-                run.model, run.optimizer, run.batches(steps), data.loss,
-                device=device, autocast=False, on_empty=run.mark_empty,  # DP-SGD has always run in fp32
+                run.model,
+                run.optimizer,
+                run.batches(steps),
+                data.loss,
+                device=device,
+                autocast=False,
+                on_empty=run.mark_empty,  # DP-SGD has always run in fp32
             )
         return stats, run.history()
     model.train()
@@ -182,8 +195,18 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     before = [p.detach().clone() for p in params] if dp is not None else []
     stats, history = _run(
-        model, optimizer, tokenizer, data, steps=steps, batch_size=batch_size, max_length=max_length, seed=seed,
-        device=device, max_grad_norm=max_grad_norm, dp=dp, history=history,
+        model,
+        optimizer,
+        tokenizer,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        device=device,
+        max_grad_norm=max_grad_norm,
+        dp=dp,
+        history=history,
     )
     if dp is not None and stats.examples and all(torch.equal(b, p) for b, p in zip(before, params, strict=True)):
         raise RuntimeError("DP training left every adapter parameter unchanged (Opacus hooks not attached?)")
@@ -219,8 +242,18 @@ def weight_gradients(
     summed = GradientSum(weights.values())
     try:
         _, history = _run(
-            model, summed, tokenizer, data, steps=batches, batch_size=batch_size, max_length=max_length, seed=seed,
-            device=device, max_grad_norm=None, dp=dp, history=history,
+            model,
+            summed,
+            tokenizer,
+            data,
+            steps=batches,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            device=device,
+            max_grad_norm=None,
+            dp=dp,
+            history=history,
         )
         # left on the training device: the client's sketch (an SVD per module) runs there too
         return {name: (summed.total(w) / batches).to(torch.float32) for name, w in weights.items()}, history
