@@ -48,6 +48,7 @@ clientapp = "fedlora.client.app:app"
 
 [tool.flwr.app.config]
 fedlora-config = "{}"
+out-dir = ""
 resume = false
 """
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
