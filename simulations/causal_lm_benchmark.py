@@ -61,9 +61,14 @@ def base_scores(test: Path, args) -> dict:
         }
     )
     device = evaluation_device()  # where a coordinator evaluates
-    model = load_causal_lm(None).to(device)
+    model = load_causal_lm(getattr(args, "model", None)).to(device)  # gpu_check may name another
     return evaluate_global_model(
-        model, load_tokenizer(None, "causal-lm"), cfg, load_instruction_file(test), final=True, device=device
+        model,
+        load_tokenizer(getattr(args, "model", None), "causal-lm"),
+        cfg,
+        load_instruction_file(test),
+        final=True,
+        device=device,
     )
 
 
@@ -107,6 +112,7 @@ def run_options(strategy: str, train: Path, test: Path, out: Path, args) -> list
         "--overwrite",
         "--config",
         str(cfg),
+        *getattr(args, "extra", []),  # more fedlora options (simulations/gpu_check.py)
     ]
 
 
