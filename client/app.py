@@ -31,6 +31,7 @@ from fedlora.io.report import write_json_atomic
 from fedlora.ml import privacy
 from fedlora.ml.adapters import adapter_state, reset_adapters, set_trainable
 from fedlora.ml.data import align_labels
+from fedlora.ml.models import set_gradient_checkpointing
 from fedlora.ml.task import adapted_model, load_splits, load_task_data, tokenizer_for
 from fedlora.ml.training import LocalData, train_local, weight_gradients
 from fedlora.strategies import build_strategy, init_batches
@@ -150,6 +151,7 @@ class LocalSetup:
     simulated: bool
     ledger: Ledger | None = None  # a deployed agent's privacy ledger for this data file
     held_file: Path | None = None
+    quantize: str = "none"  # the frozen base in memory: none, 4bit or 8bit (a deployed agent's own choice)
 
 
 def pick_device(name: str) -> torch.device:
@@ -161,6 +163,12 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}: choose auto, cuda or cpu")
     return torch.device(name)
+
+
+def simulated_device(cfg: RunConfig) -> torch.device:
+    """A simulated client trains on CUDA when Ray gave it a GPU share (``--gpus-per-client``,
+    by default whenever CUDA is present), else on the CPU."""
+    return torch.device("cuda" if cfg.gpus_per_client != 0 and torch.cuda.is_available() else "cpu")
 
 
 def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int, strategy: AdapterStrategy) -> None:
@@ -212,6 +220,7 @@ def local_setup(cfg: RunConfig, facts: RunFacts, context: Context) -> LocalSetup
             simulated=False,
             ledger=Ledger(Path(str(state_dir)), str(digest)) if state_dir and digest else None,
             held_file=held_path(Path(str(state_dir)), context.run_id) if state_dir else None,
+            quantize=str(node.get("quantize", "none")),
         )
     splits = load_splits(cfg)
     pid = partition_id(context)
@@ -220,12 +229,13 @@ def local_setup(cfg: RunConfig, facts: RunFacts, context: Context) -> LocalSetup
         index=pid,
         rank=client_rank(cfg, pid),
         num_labels=len(splits.label_names),
-        device=torch.device("cpu"),
+        device=simulated_device(cfg),
         dp_epsilon=cfg.dp_epsilon,
         dp_delta=cfg.dp_delta,
         dp_clip=cfg.dp_clip,
         dp_file=dp_state_file(facts, pid),
         simulated=True,
+        quantize=cfg.quantize,
     )
 
 
@@ -322,7 +332,9 @@ class LocalRun:
 def start_local_run(req: Request, context: Context) -> LocalRun:
     cfg, strategy, setup = req.cfg, req.strategy, req.setup
     spec = strategy.client_spec(setup.rank)
-    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task, cfg.pooling).to(setup.device)
+    net = adapted_model(cfg.model, setup.num_labels, spec, cfg.task, cfg.pooling, setup.quantize, setup.device)
+    net.to(setup.device)
+    set_gradient_checkpointing(net, cfg.gradient_checkpointing)
     seed = cfg.seed * 1_000_003 + req.round_num * 1_009 + setup.index
     history = read_history(context, setup)
     dp = plan_privacy(req, history)

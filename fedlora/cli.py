@@ -10,7 +10,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import COORDINATOR, SIMULATE, RunConfig, add_run_options, flag_values, given_flags, load_toml
+from fedlora.config import (
+    COORDINATOR,
+    QUANTIZE,
+    SIMULATE,
+    RunConfig,
+    add_run_options,
+    flag_values,
+    given_flags,
+    load_toml,
+)
 from fedlora.config.flags import CHOICES
 from fedlora.config.setting import spoken
 from fedlora.errors import UserError
@@ -76,6 +85,12 @@ def _add_client(sub: Any) -> None:
     )
     add("--rank", type=int, help="FLoRA: this client's LoRA rank (default: the run's)")
     add("--device", default="auto", help="auto, cuda or cpu (default auto: CUDA when present)")
+    add(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE,
+        help="hold the frozen base model as 4bit (NF4) or 8bit (LLM.int8) through bitsandbytes, for small GPUs; adapters stay fp32 (default none)",
+    )
     add("--dp-epsilon", type=float, help="this client's own privacy budget (default: the run's setting)")
     add(
         "--dp-delta",
@@ -249,6 +264,7 @@ def _client(args: argparse.Namespace) -> int:
         task=args.task,
         max_wait_s=args.max_wait,
         dp_reset=args.dp_reset,
+        quantize=args.quantize,
     )
 
 

@@ -26,7 +26,7 @@ from fedlora.ml.adapters import (
     load_adapter_state,
     module_of,
     role_of,
-    set_base_deltas,
+    set_base_updates,
 )
 
 State = dict[str, torch.Tensor]
@@ -129,18 +129,21 @@ def gram_error(terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return max(num, 0.0) ** 0.5 / den**0.5
 
 
-def merged_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FLoRA's history (``merged.<round>.<module>.lora_A/B.weight``) summed per module."""
-    deltas: dict[str, torch.Tensor] = {}
+def merged_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """FLoRA's history (``merged.<round>.<module>.lora_A/B.weight``): per module its (B, A) pairs."""
+    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, a in state.items():
         match = MERGED.match(name)
         if not match or role_of(name) != ROLE_A:
             continue
-        module = module_of(match.group(2))
         b = state[name[: -len(f"{ROLE_A}.weight")] + f"{ROLE_B}.weight"]
-        d = b.to(torch.float64) @ a.to(torch.float64)
-        deltas[module] = deltas.get(module, 0) + d
-    return deltas
+        pairs.setdefault(module_of(match.group(2)), []).append((b, a))
+    return pairs
+
+
+def merged_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FLoRA's history summed per module, in float64."""
+    return {m: sum(b.to(torch.float64) @ a.to(torch.float64) for b, a in ps) for m, ps in merged_pairs(state).items()}
 
 
 def held_digest(strategy: AdapterStrategy, state: Mapping[str, torch.Tensor]) -> str:
@@ -253,7 +256,7 @@ class AdapterStrategy:
 
     def materialize(self, model: nn.Module, state: State) -> None:
         """Load a global state into a model (base-weight merges included) for use or evaluation."""
-        set_base_deltas(model, {m: d.to(torch.float32) for m, d in merged_deltas(state).items()})
+        set_base_updates(model, merged_pairs(state))
         load_adapter_state(model, {n: t for n, t in state.items() if not n.startswith("merged.")})
 
     # ----- server side ----------------------------------------------------------------

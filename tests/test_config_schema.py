@@ -34,6 +34,8 @@ def causal_lm() -> RunConfig:
 
 def parse_default(text: str, name: str):
     s = BY_NAME[name]
+    if s.kind is bool:
+        return {"on": True, "off": False}[text]
     if s.is_tuple:
         return () if text == "none" else tuple(s.kind(v) for v in text.split(","))
     return s.kind(text)
@@ -96,6 +98,9 @@ def non_default_config() -> RunConfig:
             "eval_batch_size": 8,
             "robust_mode": "reject",
             "init_dtype": "bf16",
+            "gpus_per_client": 0.5,
+            "quantize": "8bit",
+            "gradient_checkpointing": True,
         }
     )
     return cfg

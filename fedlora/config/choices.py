@@ -10,5 +10,7 @@ PARTITIONS = ("iid", "dirichlet")
 POOLINGS = ("pooler", "mean")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 ROBUST_MODES = ("clip", "reject")
+# how a client loads its frozen base model: full precision, or bitsandbytes 4-bit (NF4) or 8-bit (LLM.int8)
+QUANTIZE = ("none", "4bit", "8bit")
 # simulated hostile clients (fedlora.flower.attacks), named in a config file's [attack] table
 ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")

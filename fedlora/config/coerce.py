@@ -40,7 +40,13 @@ def _str(value: Any) -> str:
     return str(value)
 
 
-_SCALARS: dict[type, Callable[[Any], Any]] = {int: _int, float: _float, str: _str}
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):  # TOML's true/false, a flag, a saved config; not "yes" or 1
+        raise TypeError
+    return value
+
+
+_SCALARS: dict[type, Callable[[Any], Any]] = {int: _int, float: _float, str: _str, bool: _bool}
 
 
 def _items(value: Any, item: Callable[[Any], Any]) -> tuple:

@@ -22,13 +22,20 @@ def add_run_options(parser: argparse.ArgumentParser, command: str) -> dict[str, 
         groups[group.name] = parser.add_argument_group(group.title)
         for s, flag in flagged:
             groups[group.name].add_argument(
-                flag.name,
-                dest=s.name,
-                type=str if s.is_tuple else s.kind,  # a list comes comma-separated
-                metavar=flag.name.lstrip("-").replace("-", "_").upper(),
-                help=help_text(s, flag).replace("%", "%%"),
+                flag.name, dest=s.name, help=help_text(s, flag).replace("%", "%%"), **_kind(s, flag)
             )
     return groups
+
+
+def _kind(s: Setting, flag: Flag) -> dict[str, Any]:
+    """How argparse reads the value: an on/off setting is ``--x``/``--no-x``; unset (None)
+    unless given, so that a config file's value stands."""
+    if s.kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": None}
+    return {
+        "type": str if s.is_tuple else s.kind,  # a list comes comma-separated
+        "metavar": flag.name.lstrip("-").replace("-", "_").upper(),
+    }
 
 
 def flag_values(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -65,7 +72,9 @@ def default_text(s: Setting) -> str:
 
 
 def show(value: Any) -> str:
-    """A default as a user would type it: 3e-3, query,value, none."""
+    """A default as a user would type it: 3e-3, query,value, none, off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
     if isinstance(value, float) and value and abs(value) < 1e-2:

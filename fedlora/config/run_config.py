@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.config.choices import ATTACKS, PARTITIONS, POOLINGS, ROBUST_MODES, TASKS, WIRE_DTYPES
+from fedlora.config.choices import ATTACKS, PARTITIONS, POOLINGS, QUANTIZE, ROBUST_MODES, TASKS, WIRE_DTYPES
 from fedlora.config.coerce import coerce
 from fedlora.config.setting import (
     ATTACK,
@@ -15,6 +15,7 @@ from fedlora.config.setting import (
     DATA,
     EVALUATION,
     FEDERATION,
+    HARDWARE,
     MODEL,
     NON_NEGATIVE,
     POSITIVE,
@@ -26,6 +27,7 @@ from fedlora.config.setting import (
     STRICT_SHARE,
     TOML_ONLY,
     TRAINING,
+    UNIT,
     UNSET,
     WIRE,
     Flag,
@@ -125,6 +127,34 @@ class RunConfig:
     batch_size: int = setting(16, TRAINING, "local batch size", range=COUNT)
     lr: float = setting(3e-3, TRAINING, "local learning rate", range=POSITIVE, causal_lm=5e-4)
     max_length: int = setting(64, TRAINING, "tokens per example", range=COUNT, causal_lm=256)
+
+    # Ray's num_gpus per simulated client: it exposes CUDA to the client and lets 1/share of
+    # them share one GPU at a time (scheduling only: Ray caps no memory)
+    gpus_per_client: float | None = setting(
+        None,
+        HARDWARE,
+        "share of a GPU each simulated client holds, e.g. 0.25: four train on one GPU at once",
+        range=UNIT,
+        zero="the CPU",
+        shown="auto: with CUDA a share that fits the clients on the GPUs, else 0: the CPU",
+        flags=(Flag(SIMULATE, "--gpus-per-client"),),
+        simulation_only=True,
+        deployed="each client agent trains on its own GPU (fedlora client --device)",
+    )
+    quantize: str = setting(
+        "none",
+        HARDWARE,
+        "the clients' frozen base model in memory: {choices}; 4bit is NF4, 8bit LLM.int8, both through bitsandbytes, and adapters and head stay fp32",
+        choices=QUANTIZE,
+        flags=(Flag(SIMULATE, "--quantize"),),
+        simulation_only=True,
+        deployed="each client agent chooses its own (fedlora client --quantize)",
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        HARDWARE,
+        "clients recompute activations in the backward pass: less memory for long sequences, slower steps",
+    )
 
     eval_batch_size: int = setting(64, EVALUATION, "examples per evaluation batch", range=COUNT, flags=TOML_ONLY)
     eval_max_examples: int = setting(

@@ -24,12 +24,13 @@ MODEL = Group("model", "model and adapters")
 DATA = Group("data", "data")
 FEDERATION = Group("federation", "federation")
 TRAINING = Group("training", "local training")
+HARDWARE = Group("hardware", "hardware: GPUs, quantized base, memory")
 EVALUATION = Group("evaluation", "evaluation")
 PRIVACY = Group("privacy", "differential privacy (sample-level DP-SGD on every client)")
 WIRE = Group("wire", "wire format")
 ROBUSTNESS = Group("robustness", "defences against hostile clients")
 ATTACK = Group("attack", "simulated attack (config file [attack] table, fedlora simulate only)")
-GROUPS = (RUN, MODEL, DATA, FEDERATION, TRAINING, EVALUATION, PRIVACY, WIRE, ROBUSTNESS, ATTACK)
+GROUPS = (RUN, MODEL, DATA, FEDERATION, TRAINING, HARDWARE, EVALUATION, PRIVACY, WIRE, ROBUSTNESS, ATTACK)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, low_open=True)
 SHARE = Range(0, 1, low_open=True)
 STRICT_SHARE = Range(0, 1, low_open=True, high_open=True)
+UNIT = Range(0, 1)
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,10 @@ class Setting:
     flags: tuple[Flag, ...] | None = None  # None: --the-name for both commands
     table_key: str = ""  # its key in its group's config table when not its name
     simulation_only: bool = False  # a coordinator refuses it when not at its default
+    deployed: str = ""  # simulation_only: what takes its place in a deployment, for the refusal
     name: str = ""
     default: Any = None
-    kind: type = str  # int, float or str; a tuple's item type
+    kind: type = str  # int, float, str or bool (an on/off flag); a tuple's item type
     is_tuple: bool = False
     optional: bool = False  # may be None
 

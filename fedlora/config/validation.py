@@ -55,10 +55,29 @@ def _attackers_are_clients(cfg: RunConfig) -> None:
         raise UserError(f"attack clients must be partition ids in 0..{cfg.clients - 1}, got {list(cfg.attack_clients)}")
 
 
-CROSS_SETTING_RULES: tuple[Callable[[RunConfig], None], ...] = (_pooling_needs_classify, _attackers_are_clients)
+def _gpu_share_is_schedulable(cfg: RunConfig) -> None:
+    share = cfg.gpus_per_client
+    if share is not None and 0 < share < MIN_GPU_SHARE:
+        raise UserError(
+            f"--gpus-per-client must be 0 or at least {MIN_GPU_SHARE:g} (Ray's smallest share), got {share}"
+        )
+
+
+MIN_GPU_SHARE = 1e-4  # Ray refuses a finer fraction of a resource
+CROSS_SETTING_RULES: tuple[Callable[[RunConfig], None], ...] = (
+    _pooling_needs_classify,
+    _attackers_are_clients,
+    _gpu_share_is_schedulable,
+)
 
 
 def check_deployable(cfg: RunConfig, schema: Sequence[Setting]) -> None:
-    """Refuse the simulation-only settings ([attack]) that differ from their defaults."""
-    if any(getattr(cfg, s.name) != s.default for s in schema if s.simulation_only):
+    """Refuse the simulation-only settings ([attack], a simulated client's GPU share or
+    quantized base) that differ from their defaults."""
+    changed = [s for s in schema if s.simulation_only and getattr(cfg, s.name) != s.default]
+    if not changed:
+        return
+    if changed[0].group.name == "attack":
         raise UserError("[attack] simulates hostile clients in fedlora simulate only; a coordinator has real ones")
+    s = changed[0]
+    raise UserError(f"{s.label()} applies to fedlora simulate only; in a deployment {s.deployed}")

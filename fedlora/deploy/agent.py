@@ -29,6 +29,7 @@ from fedlora.errors import UserError
 from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
 from fedlora.ml.data import load_text_file
 from fedlora.ml.instructions import load_instruction_file
+from fedlora.ml.quantize import require_quantization
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -41,6 +42,7 @@ def node_config(
     state_dir: Path,
     num_examples: int = 0,
     digest: str = "",
+    quantize: str = "none",
 ) -> str:
     """Flower's ``--node-config``: ``key=value`` pairs, strings as TOML literal strings
     (Flower's parser allows any character in them but the quote itself)."""
@@ -52,6 +54,8 @@ def node_config(
         pairs.append(f"data-digest='{digest}'")
     if rank is not None:
         pairs.append(f"rank={int(rank)}")
+    if quantize != "none":
+        pairs.append(f"quantize='{quantize}'")
     pairs.append(f"device='{device}'")  # last: Flower reads a value ending in .toml as a file name
     return " ".join(pairs)
 
@@ -118,11 +122,13 @@ def run_agent(
     task: str = "classify",
     max_wait_s: float | None = None,
     dp_reset: bool = False,
+    quantize: str = "none",
 ) -> int:
     own.check()
     num_examples = check_agent(
         coordinator, data, rank, device, own.epsilon, root_cert, insecure, auth_key, text_column, label_column, task
     )
+    require_quantization(quantize, device)
     state = Path(state_dir).resolve() if state_dir else default_state_dir()
     lock = lock_state_dir(state)  # held until this process exits: one agent per state folder
     digest = data_digest(data)
@@ -136,7 +142,8 @@ def run_agent(
         cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     # the SuperNode's own API for its ClientApp processes: loopback, a free port
     cmd += ["--host", "127.0.0.1", "--port", str(free_loopback_port())]
-    cmd += ["--node-config", node_config(Path(data).resolve(), rank, device, own, state, num_examples, digest)]
+    config = node_config(Path(data).resolve(), rank, device, own, state, num_examples, digest, quantize)
+    cmd += ["--node-config", config]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(max_wait_s)]
     env = child_env(state / "flower")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from fedlora.client.app import app as honest_client_app
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
 from fedlora.flower.attacks import attacking_client_app
-from fedlora.ml.models import resolve_model_path
+from fedlora.ml.models import model_skeleton, resolve_model_path
+from fedlora.ml.quantize import require_quantization
 from fedlora.ml.task import check_target_modules, load_splits
 from fedlora.server.app import make_server_app
 
@@ -23,11 +27,63 @@ def default_out_dir(cfg: RunConfig) -> Path:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any worker starts, on bad config, data or model paths."""
+    """Fail fast, before any worker starts, on bad config, data or model paths, and on a GPU
+    share or a quantization this machine cannot serve."""
     cfg.validate()
+    check_hardware(cfg.gpus_per_client, cfg.quantize)
     resolve_model_path(cfg.model, cfg.task)
     splits = load_splits(cfg)
     check_target_modules(cfg, max(len(splits.label_names), 1))
+
+
+def check_hardware(gpus_per_client: float | None, quantize: str) -> None:
+    """A GPU share needs CUDA; a quantized base needs a bitsandbytes that trains through it
+    on the device the clients use."""
+    cuda = torch.cuda.is_available()
+    if gpus_per_client and not cuda:
+        raise UserError(f"--gpus-per-client {gpus_per_client:g} needs CUDA, which this machine lacks (0: the CPU)")
+    require_quantization(quantize, "cuda" if cuda and gpus_per_client != 0 else "cpu")
+
+
+# What one simulated client holds on its GPU, estimated: a CUDA context and allocator slack,
+# plus 4 bytes per base parameter for each of the fp32 weights, their bf16 autocast copies
+# and the activations, gradients and optimizer state that scale with the model (4 in all)
+CLIENT_GPU_OVERHEAD = 1.5 * 2**30
+CLIENT_GPU_BYTES_PER_PARAMETER = 16
+
+
+def gpu_share(requested: float | None, clients: int, gpus: int, gpu_bytes: int, parameters: int) -> float:
+    """Ray's ``num_gpus`` for each simulated client: ``requested`` when given; else, with
+    GPUs, enough of a share that all clients train at once, as far as memory allows (at
+    least one client per GPU); without one 0 (the CPU)."""
+    if requested is not None:
+        return requested
+    if gpus == 0:
+        return 0.0
+    per_client = CLIENT_GPU_OVERHEAD + CLIENT_GPU_BYTES_PER_PARAMETER * parameters
+    fit = max(1, int(0.9 * gpu_bytes // per_client))
+    per_gpu = max(1, min(math.ceil(clients / gpus), fit))
+    return math.floor(10_000 / per_gpu) / 10_000  # Ray counts shares in units of 1e-4
+
+
+def gpu_workers(share: float, gpus: int, clients: int, cpus: int) -> int:
+    """How many simulated clients train at once on ``gpus`` GPUs at ``share`` each: as many
+    as the shares allow, at most one per client and one per core."""
+    return max(1, min(clients, cpus, int(gpus / share + 1e-9)))
+
+
+def client_resources(share: float, cpus: int, gpus: int, clients: int) -> dict[str, float]:
+    """Ray's resources per simulated client. On the CPU one worker uses every core and serves
+    the clients one after another; with a GPU share ``gpu_workers`` workers run at once,
+    splitting the cores."""
+    if share == 0:
+        return {"num_cpus": cpus, "num_gpus": 0.0}
+    return {"num_cpus": max(1, cpus // gpu_workers(share, gpus, clients, cpus)), "num_gpus": share}
+
+
+def base_parameters(cfg: RunConfig) -> int:
+    """The base model's parameter count, read from its skeleton (no weights loaded)."""
+    return sum(p.numel() for p in model_skeleton(cfg.model, cfg.task, 2, cfg.pooling).parameters())
 
 
 def quiet_flower() -> None:
@@ -37,6 +93,20 @@ def quiet_flower() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def simulated_client_resources(cfg: RunConfig, cpus: int, progress=print) -> dict[str, float]:
+    """Ray's resources per client for this run on this machine; says how clients share a GPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.gpus_per_client != 0 else 0
+    if gpus == 0:
+        # one worker using every core: clients train one after another, each at full speed,
+        # and the base model sits in memory once
+        return client_resources(0.0, cpus, 0, cfg.clients)
+    memory = torch.cuda.get_device_properties(0).total_memory
+    share = gpu_share(cfg.gpus_per_client, cfg.clients, gpus, memory, base_parameters(cfg))
+    workers = gpu_workers(share, gpus, cfg.clients, cpus)
+    progress(f"GPU: {gpus} x {memory / 2**30:.0f} GiB, {share:g} of a GPU per client, {workers} client(s) at once")
+    return client_resources(share, cpus, gpus, cfg.clients)
 
 
 def resume_config(out: str) -> RunConfig:
@@ -59,17 +129,16 @@ def simulate(cfg: RunConfig, out_dir: Path | None = None, progress=print, resume
     cpus = os.cpu_count() or 1
     progress(f"fedlora simulate: {cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds -> {out_dir}")
     quiet_flower()
-    backend_config = {
-        # one worker using every core: clients train one after another, each at full speed,
-        # and the base model sits in memory once
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-            "object_store_memory": 200 * 1024 * 1024,
-        },
+    resources = simulated_client_resources(cfg, cpus, progress)
+    init_args = {
+        "num_cpus": cpus,
+        "logging_level": logging.ERROR,
+        "log_to_driver": False,
+        "object_store_memory": 200 * 1024 * 1024,
     }
+    if resources["num_gpus"]:
+        init_args["num_gpus"] = torch.cuda.device_count()  # the GPUs torch sees, whatever Ray would detect
+    backend_config = {"client_resources": resources, "init_args": init_args}
     if cfg.attack_clients:
         progress(
             f"simulated attack: client(s) {list(cfg.attack_clients)} send {cfg.attack_kind!r} updates (scale {cfg.attack_scale:g})"

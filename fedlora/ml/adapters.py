@@ -10,10 +10,11 @@ checkpoints and into the exported PEFT adapter.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROLE_A = "lora_A"
@@ -38,8 +39,18 @@ class LoRASpec:
         return self.alpha / self.rank
 
 
+def _adapter_dtype(base_layer: nn.Linear) -> tuple[torch.dtype, torch.device]:
+    """The adapters' dtype and device: the base weight's, fp32 on a quantized (integer) one."""
+    weight = base_layer.weight
+    return (weight.dtype if weight.is_floating_point() else torch.float32), weight.device
+
+
 class LoRALinear(nn.Module):
-    """``base(x) + s * B(R(A(x)))`` with the base layer frozen; R only for Fed-SB."""
+    """``base(x) + s * B(R(A(x)))`` with the base layer frozen; R only for Fed-SB.
+
+    The base may be a quantized ``nn.Linear`` (``fedlora.ml.quantize``): its weight cannot
+    take merged updates in place, so FLoRA's merged history rides beside it as the
+    low-rank pair ``merged_B @ merged_A`` (buffers, None otherwise)."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, scaling: float, with_r: bool = False):
         super().__init__()
@@ -47,7 +58,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base_layer = base_layer
         self.scaling = scaling
-        dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        self.register_buffer("merged_A", None, persistent=False)
+        self.register_buffer("merged_B", None, persistent=False)
+        dtype, device = _adapter_dtype(base_layer)
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, dtype=dtype, device=device)
         self.lora_R = nn.Linear(rank, rank, bias=False, dtype=dtype, device=device) if with_r else None
@@ -64,7 +77,7 @@ class LoRALinear(nn.Module):
         if rank == self.rank and with_r == (self.lora_R is not None):
             self.scaling = scaling
             return
-        dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
+        dtype, device = _adapter_dtype(self.base_layer)
         self.lora_A = nn.Linear(self.base_layer.in_features, rank, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(rank, self.base_layer.out_features, bias=False, dtype=dtype, device=device)
         self.lora_R = nn.Linear(rank, rank, bias=False, dtype=dtype, device=device) if with_r else None
@@ -93,7 +106,10 @@ class LoRALinear(nn.Module):
         h = self.lora_A(x)
         if self.lora_R is not None:
             h = self.lora_R(h)
-        return self.base_layer(x) + self.scaling * self.lora_B(h)
+        out = self.base_layer(x)
+        if self.merged_A is not None:
+            out = out + F.linear(F.linear(x, self.merged_A), self.merged_B)
+        return out + self.scaling * self.lora_B(h)
 
 
 def _matches(module_name: str, targets: Iterable[str]) -> bool:
@@ -198,6 +214,10 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight and put plain nn.Linear layers back."""
     for name, module in list(lora_modules(model).items()):
         base = module.base_layer
+        if not base.weight.is_floating_point():
+            raise ValueError(
+                f"{name}: cannot merge an adapter into a quantized base weight; load the base in full precision"
+            )
         base.weight += module.delta_weight().to(base.weight.dtype)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -217,6 +237,24 @@ def reshape_adapters(model: nn.Module, spec: LoRASpec) -> None:
 
 
 @torch.no_grad()
+def set_base_updates(model: nn.Module, pairs: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Base weight of each adapted module := its pretrained value + Σ B_t·A_t over its
+    ``pairs`` (or + 0): FLoRA's merged history. A full-precision weight takes the sum in
+    place (formed in float64, as ``set_base_deltas`` receives it); a quantized one stays as
+    it is and its module adds x·(ΣB_t A_t)ᵀ through the stacked pair, exactly."""
+    dense = {}
+    for name, module in lora_modules(model).items():
+        if not module.base_layer.weight.is_floating_point():
+            stacked = pairs.get(name)
+            device = module.lora_A.weight.device
+            module.merged_B = None if not stacked else torch.cat([b for b, _ in stacked], 1).to(device, torch.float32)
+            module.merged_A = None if not stacked else torch.cat([a for _, a in stacked], 0).to(device, torch.float32)
+        elif name in pairs:
+            dense[name] = sum(b.to(torch.float64) @ a.to(torch.float64) for b, a in pairs[name]).to(torch.float32)
+    set_base_deltas(model, dense)
+
+
+@torch.no_grad()
 def set_base_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
     """Base weight of each adapted module := its pretrained value + ``deltas[module]`` (or + 0).
 
@@ -225,6 +263,8 @@ def set_base_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Non
     """
     for name, module in lora_modules(model).items():
         weight = module.base_layer.weight
+        if not weight.is_floating_point():  # quantized: set_base_updates keeps its history beside it
+            continue
         if not hasattr(module, "pretrained_weight"):
             if name not in deltas:
                 continue

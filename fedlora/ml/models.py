@@ -128,6 +128,24 @@ def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling
     return net
 
 
+def set_gradient_checkpointing(net: nn.Module, on: bool) -> None:
+    """Recompute each layer's activations in the backward pass (transformers' activation
+    checkpointing), or stop doing so: the cached model serves runs with either.
+
+    Reentrant checkpointing: its first forward runs without autograd, where Opacus's hooks
+    record nothing, and its recomputed forward records once, so DP's per-sample gradients
+    come out as without it (non-reentrant checkpointing leaves Opacus without them)."""
+    if on == net.is_activation_checkpointing:
+        return
+    if not on:
+        net.activation_checkpointing_disable()
+        net.disable_input_require_grads()  # the hook enabling it added: off means as before
+        return
+    if not net.supports_gradient_checkpointing:
+        raise UserError(f"--gradient-checkpointing: {type(net).__name__} does not support it")
+    net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+
+
 def load_tokenizer(model: str | None, task: str = "classify"):
     _quiet_transformers()
     path = resolve_model_path(model, task)

@@ -20,6 +20,7 @@ from fedlora.ml.adapters import LoRASpec, adapter_state, head_module, inject_lor
 from fedlora.ml.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.ml.instructions import InstructionDataset, load_instruction_file
 from fedlora.ml.models import load_base_model, load_tokenizer, model_skeleton
+from fedlora.ml.quantize import quantize_linears
 
 
 @dataclass
@@ -96,13 +97,22 @@ def lora_spec(cfg: RunConfig, with_r: bool = False) -> LoRASpec:
 
 
 def adapted_model(
-    model: str | None, num_labels: int, spec: LoRASpec, task: str = "classify", pooling: str = "pooler"
+    model: str | None,
+    num_labels: int,
+    spec: LoRASpec,
+    task: str = "classify",
+    pooling: str = "pooler",
+    quantize: str = "none",
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """The base model with adapters of ``spec``'s shape; callers load adapter state before use.
 
     One model per process and base: a change of rank only swaps the small adapter pieces.
+    With ``quantize`` (4bit, 8bit) the frozen base is quantized as it moves to ``device``
+    (``fedlora.ml.quantize``); the adapters and head stay fp32.
     """
-    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules, task, pooling)
+    where = str(torch.device(device)) if quantize != "none" else "cpu"  # an fp32 model is moved by the caller
+    net = _injected_model(model, num_labels, spec.target_modules, spec.head_modules, task, pooling, quantize, where)
     reshape_adapters(net, spec)
     return net
 
@@ -115,8 +125,13 @@ def _injected_model(
     heads: tuple[str, ...],
     task: str = "classify",
     pooling: str = "pooler",
+    quantize: str = "none",
+    device: str = "cpu",
 ) -> nn.Module:
     net = load_base_model(model, task, num_labels, pooling)
+    if quantize != "none":
+        quantize_linears(net, quantize, keep=heads, device=device)
+        net.to(device)
     try:
         inject_lora(net, LoRASpec(rank=1, alpha=1.0, target_modules=targets, head_modules=heads))
     except ValueError as exc:

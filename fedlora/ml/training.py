@@ -21,6 +21,7 @@ from fedlora.ml.adapters import lora_modules
 from fedlora.ml.data import TextDataset
 from fedlora.ml.instructions import InstructionDataset
 from fedlora.ml.privacy import DPPlan, History, private
+from fedlora.ml.quantize import is_quantized, plain_linear
 
 LocalData = TextDataset | InstructionDataset  # each knows its batches and its loss
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, targets
@@ -231,8 +232,44 @@ def weight_gradients(
 
     Fed-SB's LoRA-SB initialisation takes its truncated SVD; adapters and everything else
     stay frozen. Under ``dp`` each batch's gradient is clipped per sample and noised like
-    any DP-SGD step, and accounted.
+    any DP-SGD step, and accounted. A quantized base layer is swapped for an fp32
+    ``nn.Linear`` holding its dequantized weight while this runs: the gradient is exact for
+    the weight the layer computes with, and DP's per-sample clipping sees a plain layer.
     """
+    quantized = {name: m.base_layer for name, m in lora_modules(model).items() if is_quantized(m.base_layer)}
+    try:
+        for name, layer in quantized.items():
+            model.get_submodule(name).base_layer = plain_linear(layer)
+        return _base_weight_gradients(
+            model,
+            tokenizer,
+            data,
+            batches=batches,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            device=device,
+            dp=dp,
+            history=history,
+        )
+    finally:
+        for name, layer in quantized.items():
+            model.get_submodule(name).base_layer = layer
+
+
+def _base_weight_gradients(
+    model: nn.Module,
+    tokenizer,
+    data: LocalData,
+    *,
+    batches: int,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    device: torch.device | str,
+    dp: DPPlan | None,
+    history: History | None,
+) -> tuple[dict[str, torch.Tensor], History]:
     weights = {name: m.base_layer.weight for name, m in lora_modules(model).items()}
     for p in model.parameters():
         p.requires_grad = False
