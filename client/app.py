@@ -24,7 +24,16 @@ from flwr.clientapp import ClientApp
 
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.flower.messages import FACTS, HELD_DIGEST, PHASE_INIT, RECORD, RESYNC, RunFacts
+from fedlora.flower.messages import (
+    AGENT_ERROR,
+    FACTS,
+    HELD_DIGEST,
+    PHASE_INIT,
+    RECORD,
+    RESYNC,
+    RunFacts,
+    decline,
+)
 from fedlora.io import wire
 from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
 from fedlora.io.report import write_json_atomic
@@ -125,14 +134,6 @@ def dp_stats(dp: privacy.DPPlan | None, history: privacy.History) -> dict | None
 
 def epsilon_metric(dp: privacy.DPPlan | None, history: privacy.History) -> MetricRecord:
     return MetricRecord({} if dp is None else {"epsilon": privacy.epsilon_of(history, dp.delta)})
-
-
-def decline(msg: Message, reason: str, epsilon: float | None) -> Message:
-    """A clear status instead of an update."""
-    content = RecordDict({RECORD: ConfigRecord({"declined": reason})})
-    if epsilon is not None:
-        content["metrics"] = MetricRecord({"epsilon": epsilon})
-    return Message(content, reply_to=msg)
 
 
 @dataclass
@@ -252,7 +253,7 @@ def train(msg: Message, context: Context) -> Message:
             raise
         # the full story stays on this machine: it may quote the data
         log.exception("this agent failed a round; the coordinator is told only 'agent-error'")
-        return decline(msg, "agent-error", None)
+        return decline(msg, AGENT_ERROR, None)
 
 
 @dataclass

@@ -10,10 +10,11 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedlora.config import RunConfig
@@ -31,6 +32,7 @@ from fedlora.strategies import AdapterStrategy, build_strategy
 log = logging.getLogger("fedlora")
 
 REPLY_TIMEOUT_S = 3600.0
+REPLY_POLL_S = 0.1  # Flower's own send_and_receive looks for replies every 3 s in a deployment
 INIT_ATTEMPTS = 3
 Progress = Callable[[str], None]
 
@@ -208,9 +210,7 @@ class Federation:
     def run_round(self, rnd: int) -> RoundRecord:
         t0 = time.perf_counter()
         bridge = self.bridge
-        replies = self.grid.send_and_receive(
-            bridge.configure_train(rnd, None, None, self.grid), timeout=REPLY_TIMEOUT_S
-        )
+        replies = send_and_receive(self.grid, bridge.configure_train(rnd, None, None, self.grid))
         t_agg = time.perf_counter()
         bridge.aggregate_train(rnd, replies)
         t_eval = time.perf_counter()
@@ -281,13 +281,28 @@ class Federation:
         return summary
 
 
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float = REPLY_TIMEOUT_S) -> list[Message]:
+    """Flower's ``Grid.send_and_receive``, looking for replies every ``REPLY_POLL_S``: its
+    deployed grid sleeps 3 s between looks, which a round would wait out for nothing."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(REPLY_POLL_S)
+    return replies
+
+
 def federated_init(grid: Grid, bridge: FlowerStrategy, progress: Progress) -> dict[str, int]:
     """The strategy's initialisation round (Fed-SB: clients send gradients, the server builds
     A, B, R0). A round with no valid contribution is tried again, so no one reply can end the run."""
     t0 = time.perf_counter()
     bytes_up = bytes_down = 0
     for attempt in range(1, INIT_ATTEMPTS + 1):
-        replies = grid.send_and_receive(bridge.configure_init(grid), timeout=REPLY_TIMEOUT_S)
+        replies = send_and_receive(grid, bridge.configure_init(grid))
         done = bridge.aggregate_init(replies)
         s = bridge.init_stats
         bytes_up, bytes_down = bytes_up + s.bytes_up, bytes_down + s.bytes_down

@@ -1,6 +1,7 @@
 """Where a round's time goes: clients' local training against everything else.
 
     python simulations/round_overhead_benchmark.py [--run-dir DIR] [-- simulate options]
+    python simulations/round_overhead_benchmark.py --deployed [-- coordinator options]
 
 Runs the default job (``fedlora simulate``, or reads a finished run with ``--run-dir``)
 and splits each round's wall time into: local training (the clients' optimiser loops,
@@ -13,11 +14,19 @@ for the worker's one-off model load and is shown apart; the table averages the r
 Rounds evaluate a seeded slice of the held-out split (``--round-eval-examples``); the
 one evaluation of the whole split after the last round is printed on its own, and
 also spread over the rounds.
+
+``--deployed`` runs the job as a real deployment instead: ``fedlora coordinator`` and one
+``fedlora client`` agent on loopback (``--insecure``), the agent's file being the whole
+training split (``fedlora partition --clients 1``), and prints each round's wall time
+over the client's training time (the agent's resident trainer serves every message; the
+first message pays for loading the model, so round 1, or Fed-SB's initialisation, is
+shown apart). Options after ``--`` go to the coordinator, e.g. ``-- --strategy fedsb``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -53,19 +62,75 @@ def breakdown(m: dict, checkpoint_s: float) -> dict[str, float]:
     }
 
 
+def deploy(tmp: Path, run_dir: Path, extra: list[str]) -> None:
+    """A coordinator and one agent on loopback, until the run is done; both stopped after."""
+    from fedlora.deploy.processes import free_loopback_port, stop
+
+    cli = [sys.executable, "-m", "fedlora.cli"]
+    subprocess.run([*cli, "partition", "--out", str(tmp / "parts"), "--clients", "1"], check=True)
+    address = f"127.0.0.1:{free_loopback_port()}"
+    coordinator = [*cli, "coordinator", "--address", address, "--insecure", "--min-clients", "1"]
+    agent = [*cli, "client", "--coordinator", address, "--insecure", "--data", str(tmp / "parts" / "client-1.jsonl")]
+    agent += ["--state-dir", str(tmp / "agent"), "--device", "cpu"]
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for cmd, log in ((coordinator + ["--out", str(run_dir), *extra], "coordinator.out"), (agent, "agent.out")):
+            out = stack.enter_context((tmp / log).open("wb"))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        try:
+            while procs[0].poll() is None:
+                if procs[1].poll() is not None:
+                    raise SystemExit(f"the agent stopped: {(tmp / 'agent.out').read_text()[-2000:]}")
+                time.sleep(1.0)
+            if procs[0].returncode != 0:
+                raise SystemExit(f"the coordinator failed: {(tmp / 'coordinator.out').read_text()[-2000:]}")
+        finally:
+            for proc in procs:
+                stop(proc, grace_s=30)
+
+
+def print_deployed(metrics: list[dict], run_dir: Path) -> None:
+    """Round wall time over the client's training time, round by round."""
+    print("| round | round s | training s | client handler s | evaluation s | round / training |")
+    print("|---|---|---|---|---|---|")
+    for m in metrics:
+        ratio = m["seconds"] / m["train_seconds"] if m["train_seconds"] else float("nan")
+        print(
+            f"| {m['round']} | {m['seconds']:.2f} | {m['train_seconds']:.2f} | {m['client_seconds']:.2f}"
+            f" | {m['eval_seconds']:.2f} | {ratio:.2f} |"
+        )
+    steady = metrics[1:] or metrics
+    wall = statistics.mean(m["seconds"] for m in steady)
+    train = statistics.mean(m["train_seconds"] for m in steady)
+    evaluation = statistics.mean(m["eval_seconds"] for m in steady)
+    print(f"\nrounds 2+: {wall:.2f} s a round, training {train:.2f} s: round / training = {wall / train:.2f}")
+    print(f"without the coordinator's evaluation ({evaluation:.2f} s): {(wall - evaluation) / train:.2f}")
+    init = [line for line in (run_dir / "coordinator.log").read_text().splitlines() if "initialisation from" in line]
+    if init:
+        print(f"initialisation: {init[-1].strip()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", help="a finished run to read instead of running the default job")
+    parser.add_argument("--deployed", action="store_true", help="a coordinator and one agent on loopback")
+    parser.add_argument("--keep", help="--deployed: keep the run, the agent's state and both logs in this new folder")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
-        if not args.run_dir:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        run_dir = Path(args.run_dir) if args.run_dir else work / "run"
+        if args.deployed and not args.run_dir:
+            work.mkdir(parents=True, exist_ok=False)
+            deploy(work, run_dir, extra)
+        elif not args.run_dir:
             cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(run_dir), *extra]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run_dir / "summary.json").read_text())
         ckpt = checkpoint_seconds(run_dir)
+        if args.deployed:
+            print_deployed(metrics, run_dir)
     if any("client_seconds" not in m for m in metrics):
         raise SystemExit("this run predates the timing fields (client_seconds, aggregate_seconds)")
     rows = [breakdown(m, ckpt) for m in metrics]

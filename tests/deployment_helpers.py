@@ -57,8 +57,17 @@ def processes_mentioning(*markers: str) -> list[int]:
 
 
 def supernode_pids(marker: str) -> list[int]:
-    """SuperNodes whose command line mentions ``marker`` (a client's state folder)."""
-    return processes_mentioning("flower-supernode", marker)
+    """SuperNodes whose command line mentions ``marker`` (a client's state folder): Flower's
+    own, or fedlora's entry point to it."""
+    return sorted(
+        {*processes_mentioning("flower-supernode", marker), *processes_mentioning("deploy.supernode", marker)}
+    )
+
+
+def trainer_pids(marker: str) -> list[int]:
+    """Resident trainers (not the guards above them) whose command line mentions ``marker``."""
+    guards = set(processes_mentioning("fedlora.deploy.guard", marker))
+    return [pid for pid in processes_mentioning("fedlora.deploy.trainer", marker) if pid not in guards]
 
 
 def kill_group(pid: int, sig=signal.SIGKILL) -> None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,18 @@ def test_the_launcher_wraps_flowers_clientapp_entry_point(tmp_path):
     )
     assert proc.returncode == 0 and "--runtime-api-address" in proc.stdout
     assert launcher.read_text().startswith(f"#!{sys.executable}")
+
+
+def test_the_launchers_command_line_is_flowers_own(tmp_path):
+    """The launcher parses flwr-clientapp's options itself (Flower's command imports the
+    whole SuperNode): the same options as Flower's, or the SuperNode could not start it."""
+    import re
+
+    def options(cmd: list[str]) -> set[str]:
+        text = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+        return set(re.findall(r"(--[a-z][a-z-]+)", text))
+
+    launcher = write_launcher(tmp_path / "bin", relay=True) / "flwr-clientapp"
+    flowers = str(Path(sys.executable).parent / "flwr-clientapp")
+    ours = options([str(launcher), "--help"])
+    assert "--runtime-api-address" in ours and ours == options([flowers, "--help"])

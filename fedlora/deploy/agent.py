@@ -1,9 +1,12 @@
 """``fedlora client``: a client agent, i.e. Flower's SuperNode with this machine's settings.
 
 The node config carries the data path, its size and digest, rank, device, the agent's own
-privacy settings and state folder; the ClientApp (``fedlora.client.app``) reads them and
-only this machine's file. Only fedlora's own ClientApp runs (``fedlora.deploy.trusted_app``), one
-agent per state folder (a lock). The agent serves the coordinator's runs until stopped.
+privacy settings and state folder; the ClientApp handler (``fedlora.client.app``) reads them
+and only this machine's file. It runs in the agent's resident trainer
+(``fedlora.deploy.trainer``), which keeps the model and data loaded between messages; the
+ClientApp that the SuperNode starts per message only relays to it. Only fedlora's own
+ClientApp runs (``fedlora.deploy.trusted_app``), one agent per state folder (a lock). The
+agent serves the coordinator's runs until stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fedlora.deploy.processes import (
     stop,
     terminate_on_sigterm,
 )
+from fedlora.deploy.trainer import ResidentTrainer
 from fedlora.deploy.trusted_app import write_launcher
 from fedlora.errors import UserError
 from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
@@ -32,6 +36,8 @@ from fedlora.ml.instructions import load_instruction_file
 from fedlora.ml.quantize import require_quantization
 
 DEVICES = ("auto", "cuda", "cpu")
+SUPERNODE_POLL_S = 0.2  # an agent that has just replied asks for work this soon (Flower: 3 s; see deploy.supernode)
+TASK_POLL_S = "0.2"  # how often the SuperNode's executor looks for a message to start a ClientApp for (Flower: 1 s)
 
 
 def node_config(
@@ -136,7 +142,9 @@ def run_agent(
         print(f"fedlora client: privacy ledger of {data} reset: its spent budget is forgotten", flush=True)
     print(f"fedlora client: state in {state}", flush=True)
     private_dir(state / "flower")
-    cmd = [flower_executable("flower-supernode"), "--superlink", coordinator]
+    flower_executable("flower-supernode")  # flwr installed here: else a clear error now
+    cmd = [sys.executable, "-m", "fedlora.deploy.supernode", "--poll-s", str(SUPERNODE_POLL_S)]
+    cmd += ["--superlink", coordinator]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(Path(root_cert).resolve())]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
@@ -146,25 +154,41 @@ def run_agent(
     cmd += ["--node-config", config]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(max_wait_s)]
-    env = child_env(state / "flower")
-    # the SuperNode starts `flwr-clientapp` by name: ours first, which runs fedlora's ClientApp only
-    env["PATH"] = f"{write_launcher(state / 'bin')}{os.pathsep}{env['PATH']}"
     terminate_on_sigterm()
-    node = start(cmd, env, None)
-    problems: deque[str] = deque(maxlen=20)  # an agent may run for weeks of retry warnings
-    # the SuperNode's children inherit its output pipe: read it on the side and wait for
-    # the SuperNode itself, whose exit is what counts
-    pump = threading.Thread(target=_echo, args=(node.stdout, problems), daemon=True)
-    pump.start()
     try:
-        code = node.wait()
+        code, problems = _serve(cmd, state)
     finally:
-        stop(node)
-        pump.join(timeout=5)
         lock.close()
     if code != 0:
         raise UserError(f"the agent stopped (SuperNode exit status {code}): {_reason(problems)}")
     return 0
+
+
+def _serve(supernode: list[str], state: Path) -> tuple[int, deque[str]]:
+    """The resident trainer, then the SuperNode, until the SuperNode exits; the trainer
+    is restarted whenever it dies, and stopped with the SuperNode."""
+    env = child_env(state / "flower")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_S)  # local only: its own SuperNode
+    # the SuperNode starts `flwr-clientapp` by name: ours first, which runs fedlora's ClientApp
+    # only, as a relay to the resident trainer
+    env["PATH"] = f"{write_launcher(state / 'bin', relay=True)}{os.pathsep}{env['PATH']}"
+    trainer = ResidentTrainer(state, env)
+    problems: deque[str] = deque(maxlen=20)  # an agent may run for weeks of retry warnings
+    try:
+        trainer.start()
+        node = start(supernode, env, None)
+        # the SuperNode's children inherit its output pipe: read it on the side and wait for
+        # the SuperNode itself, whose exit is what counts
+        pump = threading.Thread(target=_echo, args=(node.stdout, problems), daemon=True)
+        pump.start()
+        try:
+            code = node.wait()
+        finally:
+            stop(node)
+            pump.join(timeout=5)
+    finally:
+        trainer.stop()
+    return code, problems
 
 
 def _echo(stream, problems: deque[str]) -> None:

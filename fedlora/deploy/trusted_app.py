@@ -6,10 +6,17 @@ module first on its SuperNode's PATH as ``flwr-clientapp``: it accepts a bundle 
 it carries nothing but a ``pyproject.toml`` whose ClientApp is the installed
 ``fedlora.client.app:app`` and that asks for no dependencies, so the code that runs is
 the fedlora this machine installed. Any other bundle is refused before it is unpacked.
+
+An agent that runs a resident trainer (``fedlora.deploy.trainer``) writes its launcher
+with ``relay=True``: once the bundle has passed the check, the ClientApp that runs is
+``fedlora.client.relay``, which hands the message to that trainer, in place of importing
+``fedlora.client.app`` (and torch) in every per-message process. Either way the code is
+the installed fedlora's, and only for a bundle that names ``fedlora.client.app:app``.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 import tomllib
@@ -43,23 +50,24 @@ def check_bundle(fab: bytes) -> None:
         raise UntrustedBundle("it asks for dependencies to be installed")
 
 
-def write_launcher(folder: Path) -> Path:
-    """The ``flwr-clientapp`` an agent's SuperNode finds first on its PATH; returns the folder."""
+def write_launcher(folder: Path, relay: bool = False) -> Path:
+    """The ``flwr-clientapp`` an agent's SuperNode finds first on its PATH; returns the folder.
+    ``relay``: run ``fedlora.client.relay`` (the agent runs a resident trainer)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     launcher = folder / "flwr-clientapp"
-    launcher.write_text(f"#!{sys.executable}\nfrom fedlora.deploy.trusted_app import main\nmain()\n")
+    launcher.write_text(f"#!{sys.executable}\nfrom fedlora.deploy.trusted_app import main\nmain(relay={relay!r})\n")
     launcher.chmod(0o700)
     return folder
 
 
-def main() -> None:
+def main(relay: bool = False) -> None:
     """Flower's ``flwr-clientapp``, with the bundle checked before it is installed."""
-    from flwr.supernode.cli import flwr_clientapp  # lazy: the agent imports this module for write_launcher alone
     from flwr.supernode.runtime import (
         run_clientapp as runtime,  # lazy: the agent imports this module for write_launcher alone
     )
 
     install = runtime.install_from_fab
+    checked: list[bool] = []
 
     def install_checked(fab, *args, **kwargs):
         try:
@@ -67,7 +75,50 @@ def main() -> None:
         except UntrustedBundle as exc:
             print(f"fedlora client: refused the coordinator's app bundle: {exc}", file=sys.stderr, flush=True)
             raise
+        checked.append(True)
         return install(fab, *args, **kwargs)
 
     runtime.install_from_fab = install_checked
-    flwr_clientapp()
+    if relay:
+        runtime.get_load_client_app_fn = lambda *args, **kwargs: _relay_loader(checked)
+    _flwr_clientapp(runtime.run_clientapp)
+
+
+def _flwr_clientapp(run_clientapp) -> None:
+    """Flower 1.39's ``flwr_clientapp`` command, line for line, minus its package: importing
+    ``flwr.supernode.cli`` also imports the whole SuperNode, 0.4 s of every message."""
+    from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token  # lazy: as in main
+    from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS  # lazy: as in main
+    from flwr.supercore.tls import validate_and_resolve_root_certificates  # lazy: as in main
+
+    parser = argparse.ArgumentParser(description="Run a Flower ClientApp")
+    parser.add_argument(
+        "--runtime-api-address",
+        dest="runtime_api_address",
+        default=SUPERNODE_DEFAULT_CLIENT_ADDRESS,
+        type=str,
+        help="Address of SuperNode's Runtime API (IPv4, IPv6, or a domain name).",
+    )
+    add_args_flwr_app_common(parser=parser)
+    args = parser.parse_args()
+    run_clientapp(
+        runtime_api_address=args.runtime_api_address,
+        token=try_obtain_flwr_app_token(args),
+        insecure=args.insecure,
+        certificates=validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=args.runtime_dependency_install,
+    )
+
+
+def _relay_loader(checked: list[bool]):
+    """Flower's ClientApp loader, answering with the relay, and only after a bundle passed."""
+
+    def load(fab_id: str, fab_version: str, fab_hash: str):
+        if not checked:
+            raise UntrustedBundle("no app bundle was checked before the ClientApp was loaded")
+        from fedlora.client.relay import app  # lazy: the agent imports this module for write_launcher alone
+
+        return app
+
+    return load

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
 RECORD = "fedlora"
 PHASE_TRAIN = "train"
 PHASE_INIT = "init"
 HELD_DIGEST = "held_digest"  # what the client should hold after this message (strategies.base.held_digest)
 RESYNC = "resync"  # a client's decline: it lacks what it was sent before (a restarted agent)
+DECLINED = "declined"  # the record key of a client's short status instead of an update
+AGENT_ERROR = "agent-error"  # a deployed agent's decline when something failed on its side
+AGENT_BUSY = "agent-busy"  # a deployed agent's decline: its trainer was serving another request
 
 FACTS = "run_facts"  # the record key of a RunFacts, as JSON
 
@@ -35,3 +40,11 @@ class RunFacts:
         if state_dir is not None and not isinstance(state_dir, str):
             raise ValueError("run facts: client_state_dir must be a string")
         return cls(tuple(labels), state_dir)
+
+
+def decline(msg: Message, reason: str, epsilon: float | None) -> Message:
+    """A clear status instead of an update."""
+    content = RecordDict({RECORD: ConfigRecord({DECLINED: reason})})
+    if epsilon is not None:
+        content["metrics"] = MetricRecord({"epsilon": epsilon})
+    return Message(content, reply_to=msg)
