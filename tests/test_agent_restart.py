@@ -1,13 +1,15 @@
 """A client agent killed after round 1 of Fed-SB and started again on the same state
 folder is caught up correctly: it trains against the frozen A and B it was sent once
 (kept on its disk, checked by the coordinator's held-tensor digest), never declines,
-and the run ends with both clients in its last rounds."""
+and both clients train again in the rounds after it rejoins."""
 
 import json
 import subprocess
 
 import pytest
 from deployment_helpers import fedlora, kill_group, prepare, rounds_logged, stop_all, supernode_pids, wait_until
+
+ROUNDS = 8  # with the resident trainer a round takes seconds: room for the restarted agent to rejoin
 
 
 @pytest.mark.slow
@@ -43,7 +45,7 @@ def test_a_restarted_agent_trains_against_what_it_was_sent(tmp_path):
             "--strategy",
             "fedsb",
             "--rounds",
-            "4",
+            str(ROUNDS),
             "--tls-dir",
             str(certs / "coordinator"),
             "--auth-keys",
@@ -74,7 +76,8 @@ def test_a_restarted_agent_trains_against_what_it_was_sent(tmp_path):
         stop_all(procs, tmp_path)
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [1, 2, 3, 4]
-    assert metrics[-1]["clients"] == 2 and metrics[-1]["rejected"] == 0
+    assert [m["round"] for m in metrics] == list(range(1, ROUNDS + 1))
+    # rounds are seconds apart: the fresh agent (its trainer loads torch first) rejoins within a few
+    assert any(m["clients"] == 2 for m in metrics[2:]) and all(m["rejected"] == 0 for m in metrics)
     assert all(m["declined"] == 0 for m in metrics)  # it never lacked what it had been sent
     assert all(m["aggregation_error"] is None or m["aggregation_error"] < 1e-4 for m in metrics)
