@@ -25,7 +25,7 @@ from fedlora.io.export import export_peft_adapter, unexportable_reason
 from fedlora.io.record import RoundRecord, format_scores, round_totals, worst_epsilon
 from fedlora.io.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
 from fedlora.ml.evaluation import evaluate_global_model, evaluation_device, seeded_slice
-from fedlora.ml.models import model_display_name
+from fedlora.ml.models import model_display_name, resolve_pooling
 from fedlora.ml.task import Splits, adapted_model, initial_adapter_state, load_splits, tokenizer_for
 from fedlora.strategies import AdapterStrategy, build_strategy
 
@@ -141,7 +141,11 @@ class Federation:
         if checkpoint:
             global_state = checkpoint[0]
             self.progress(f"resuming {self.out_dir} after round {self.done}")
-        if cfg.dp_epsilon is not None and cfg.task == "classify" and cfg.pooling == "pooler":
+        if (
+            cfg.dp_epsilon is not None
+            and cfg.task == "classify"
+            and resolve_pooling(cfg.model, cfg.pooling) == "pooler"
+        ):
             self.progress(
                 "note: under DP noise a classifier on BERT's pooler output tends to predict one class; "
                 "--pooling mean (and --target-modules without pooler.dense) learns (docs/design.md: Differential privacy)"

@@ -8,7 +8,13 @@ import torch
 
 from fedlora.cli import main
 from fedlora.ml.adapters import LoRASpec, load_adapter_state
-from fedlora.ml.models import MaskedMeanPooler, load_tokenizer
+from fedlora.ml.models import (
+    MaskedMeanPooler,
+    declared_pooling,
+    default_model_path,
+    load_tokenizer,
+    resolve_pooling,
+)
 from fedlora.ml.task import adapted_model, initial_adapter_state
 
 SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modules=("classifier",))
@@ -43,10 +49,26 @@ def test_padding_does_not_change_a_mean_pooled_prediction():
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_the_pooler_default_is_untouched():
-    net = adapted_model(None, 3, SPEC)
-    assert not isinstance(net.base_model.pooler, MaskedMeanPooler)
-    assert hasattr(net.base_model.pooler, "dense")
+def test_auto_pooling_follows_the_models_sentence_transformers_metadata(tmp_path):
+    assert isinstance(adapted_model(None, 3, SPEC).base_model.pooler, MaskedMeanPooler)  # declares mean
+    assert declared_pooling(default_model_path()) == "mean"
+    net = adapted_model(None, 3, SPEC, pooling="pooler")
+    assert not isinstance(net.base_model.pooler, MaskedMeanPooler) and hasattr(net.base_model.pooler, "dense")
+    assert declared_pooling(str(tmp_path)) is None  # no metadata: the model's pooled output
+    assert resolve_pooling(str(make_bare_folder(tmp_path)), "auto") == "pooler"
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "1_Pooling", "type": "x.models.Pooling"}]))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert declared_pooling(str(tmp_path)) == "pooler"
+    (tmp_path / "modules.json").write_text("not json")
+    assert declared_pooling(str(tmp_path)) is None
+
+
+def make_bare_folder(tmp_path):
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
 
 
 @pytest.fixture(scope="module")

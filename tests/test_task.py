@@ -9,11 +9,11 @@ SPEC = LoRASpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modul
 
 
 def test_initial_state_ignores_a_cached_model_trained_by_an_earlier_run():
-    first = initial_adapter_state(None, 5, SPEC, seed=3)
+    first = initial_adapter_state(None, 5, SPEC, seed=3, pooling="pooler")
     assert any("pooler" in name for name in first)
-    cached = adapted_model(None, 5, SPEC)  # what a finished run leaves behind: a trained head
+    cached = adapted_model(None, 5, SPEC, pooling="pooler")  # what a finished run leaves behind: a trained head
     load_adapter_state(cached, {name: t + 1.0 for name, t in first.items()})
-    second = initial_adapter_state(None, 5, SPEC, seed=3)
+    second = initial_adapter_state(None, 5, SPEC, seed=3, pooling="pooler")
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name

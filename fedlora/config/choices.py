@@ -6,8 +6,9 @@ from __future__ import annotations
 TASKS = ("classify", "causal-lm")
 PARTITIONS = ("iid", "dirichlet")
 # what a classifier reads: the model's own pooled output (BERT: the [CLS] token through the
-# pooler's dense + tanh), or the mean of the encoder's token states over the attention mask
-POOLINGS = ("pooler", "mean")
+# pooler's dense + tanh), or the mean of the encoder's token states over the attention mask;
+# auto: what the model's sentence-transformers metadata declares, else its pooled output
+POOLINGS = ("auto", "pooler", "mean")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 ROBUST_MODES = ("clip", "reject")
 # how a client loads its frozen base model: full precision, or bitsandbytes 4-bit (NF4) or 8-bit (LLM.int8)

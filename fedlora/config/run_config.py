@@ -71,20 +71,20 @@ class RunConfig:
         causal_lm=("q_proj", "v_proj"),
         nonempty="module",
     )
-    # BERT's pooler is trained in full by default: sentence-embedding checkpoints such as
-    # all-MiniLM-L6-v2 never trained it; frozen, it holds accuracy near 0.88, and a LoRA
-    # adapter on it learns too slowly for the 5-round default.
+    # Under --pooling pooler BERT's pooler is trained in full: sentence-embedding checkpoints
+    # such as all-MiniLM-L6-v2 never trained it, and frozen it holds accuracy near 0.88.
+    # Under mean pooling there is no pooler layer, and the classifier alone crosses.
     head_modules: tuple[str, ...] = setting(
         ("classifier", "score", "pooler"),
         MODEL,
         "comma-separated modules trained in full and shared",
         causal_lm=(),
     )
-    # all-MiniLM-L6-v2 was trained with mean pooling; DP runs learn with it
+    # all-MiniLM-L6-v2 was trained with mean pooling, and declares it; DP runs learn only with it
     pooling: str = setting(
-        "pooler",
+        "auto",
         MODEL,
-        "classify: what the classifier reads, {choices}: the model's pooled output or the masked mean of the token states",
+        "classify: what the classifier reads, {choices}: what the model's sentence-transformers metadata declares (else its pooled output), the model's pooled output, or the masked mean of the token states",
         choices=POOLINGS,
     )
 

@@ -46,7 +46,7 @@ def _check_items(s: Setting, value: tuple, label: str) -> None:
 
 
 def _pooling_needs_classify(cfg: RunConfig) -> None:
-    if cfg.pooling != "pooler" and cfg.task != "classify":
+    if cfg.pooling not in ("auto", "pooler") and cfg.task != "classify":
         raise UserError("--pooling applies to --task classify only")
 
 

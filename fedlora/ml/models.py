@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
 
 import torch
@@ -63,6 +64,27 @@ class MaskedMeanPooler(nn.Module):
         return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
+def declared_pooling(path: str) -> str | None:
+    """The pooling a sentence-transformers folder declares for its embeddings: ``mean`` when
+    its Pooling module averages the token states, ``pooler`` for any other mode, None when
+    the folder has no such metadata (``modules.json`` naming a Pooling module's config)."""
+    try:
+        modules = json.loads((Path(path) / "modules.json").read_text())
+        pooling_dir = next(m["path"] for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        config = json.loads((Path(path) / pooling_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError, KeyError, StopIteration):
+        return None
+    return "mean" if config.get("pooling_mode_mean_tokens") is True else "pooler"
+
+
+def resolve_pooling(model: str | None, pooling: str) -> str:
+    """``auto``: what the model's own metadata declares (all-MiniLM-L6-v2: mean), else
+    the model's pooled output; any other value as given."""
+    if pooling != "auto":
+        return pooling
+    return declared_pooling(resolve_model_path(model)) or "pooler"
+
+
 def use_mean_pooling(net: nn.Module) -> None:
     """Make a BERT-style classifier read the masked mean of the token states instead of its pooler."""
     encoder = net.base_model
@@ -79,7 +101,7 @@ def use_mean_pooling(net: nn.Module) -> None:
     encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
 
 
-def load_classifier(model: str | None, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
+def load_classifier(model: str | None, num_labels: int | None, pooling: str = "auto") -> nn.Module:
     """A sequence-classification model on the base weights; a missing head is freshly
     initialised (``num_labels=None``: keep the folder's own head)."""
     _quiet_transformers()
@@ -89,7 +111,7 @@ def load_classifier(model: str | None, num_labels: int | None, pooling: str = "p
         net = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
-    if pooling == "mean":
+    if resolve_pooling(model, pooling) == "mean":
         use_mean_pooling(net)
     net.eval()
     return net
@@ -107,11 +129,11 @@ def load_causal_lm(model: str | None) -> nn.Module:
     return net
 
 
-def load_base_model(model: str | None, task: str, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
+def load_base_model(model: str | None, task: str, num_labels: int | None, pooling: str = "auto") -> nn.Module:
     return load_causal_lm(model) if task == "causal-lm" else load_classifier(model, num_labels, pooling)
 
 
-def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
+def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling: str = "auto") -> nn.Module:
     """The model's modules on the meta device: its layer names without loading its weights."""
     _quiet_transformers()
     path = resolve_model_path(model, task)
@@ -123,7 +145,7 @@ def model_skeleton(model: str | None, task: str, num_labels: int | None, pooling
             net = auto.from_config(config)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
-    if pooling == "mean":
+    if task == "classify" and resolve_pooling(model, pooling) == "mean":
         use_mean_pooling(net)
     return net
 

@@ -101,7 +101,7 @@ def adapted_model(
     num_labels: int,
     spec: LoRASpec,
     task: str = "classify",
-    pooling: str = "pooler",
+    pooling: str = "auto",
     quantize: str = "none",
     device: torch.device | str = "cpu",
 ) -> nn.Module:
@@ -124,7 +124,7 @@ def _injected_model(
     targets: tuple[str, ...],
     heads: tuple[str, ...],
     task: str = "classify",
-    pooling: str = "pooler",
+    pooling: str = "auto",
     quantize: str = "none",
     device: str = "cpu",
 ) -> nn.Module:
@@ -149,7 +149,7 @@ def check_target_modules(cfg: RunConfig, num_labels: int) -> None:
 
 
 def initial_adapter_state(
-    model: str | None, num_labels: int, spec: LoRASpec, seed: int, task: str = "classify", pooling: str = "pooler"
+    model: str | None, num_labels: int, spec: LoRASpec, seed: int, task: str = "classify", pooling: str = "auto"
 ):
     """The round-0 global state: seeded A and head, zero B.
 
