@@ -6,11 +6,13 @@ as one ``RoundRecord``: a line of ``metrics.jsonl``, a checkpoint and a progress
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,9 @@ class Federation:
         self.init_bytes = {"bytes_up": 0, "bytes_down": 0}
         self.seconds_before = 0.0  # run time spent before a resume
         self.resumed_after: int | None = None
+        # one evaluation at a time, beside the next round's training
+        self._eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlora-eval")
+        self._evaluation: Future[RoundRecord] | None = None
 
     @property
     def done(self) -> int:
@@ -121,8 +126,13 @@ class Federation:
 
     def run(self) -> dict[str, Any]:
         self.setup()
-        for rnd in range(self.done + 1, self.cfg.rounds + 1):
-            self.run_round(rnd)
+        try:
+            for rnd in range(self.done + 1, self.cfg.rounds + 1):
+                self.run_round(rnd)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.settle_evaluation()  # the last aggregated round still gets its checkpoint
+            raise
         return self.finish()
 
     # ----- setup ---------------------------------------------------------------------
@@ -211,22 +221,42 @@ class Federation:
         save_checkpoint(self.out_dir, self.bridge.global_state, meta)
 
     # ----- rounds --------------------------------------------------------------------
-    def run_round(self, rnd: int) -> RoundRecord:
+    def run_round(self, rnd: int) -> None:
+        """Send the round, aggregate the replies, and start evaluating the new global model.
+
+        The evaluation runs beside the next round's training (which does not depend on it)
+        and completes this round's record, metrics line and checkpoint; the last round's is
+        waited for here."""
         t0 = time.perf_counter()
         bridge = self.bridge
         replies = send_and_receive(self.grid, bridge.configure_train(rnd, None, None, self.grid))
+        self.settle_evaluation()  # the previous round's: its checkpoint holds the state aggregated on
         t_agg = time.perf_counter()
         bridge.aggregate_train(rnd, replies)
-        t_eval = time.perf_counter()
-        round_test = self.evaluator.round_test
-        scores = self.evaluator.scores(bridge.global_state, round_test)
-        s = bridge.stats
-        record = RoundRecord(
+        t_done = time.perf_counter()
+        record = self._unevaluated_record(rnd, aggregate_seconds=t_done - t_agg, seconds=t_done - t0)
+        self._evaluation = self._eval_pool.submit(self._evaluate, record, bridge.global_state)
+        if rnd == self.cfg.rounds:
+            self.settle_evaluation(count_wait=True)
+
+    def settle_evaluation(self, count_wait: bool = False) -> None:
+        """Wait for the evaluation in flight, if any; ``count_wait``: the round waited for it."""
+        if self._evaluation is None:
+            return
+        t0 = time.perf_counter()
+        record = self._evaluation.result()  # its error, if any, is raised here
+        self._evaluation = None
+        if count_wait:
+            record.seconds += time.perf_counter() - t0
+        self._keep(record)
+
+    def _unevaluated_record(self, rnd: int, aggregate_seconds: float, seconds: float) -> RoundRecord:
+        s, bridge = self.bridge.stats, self.bridge
+        return RoundRecord(
             round=rnd,
             strategy=self.cfg.strategy,
-            accuracy=scores["accuracy"],
-            loss=scores["loss"],
-            perplexity=scores.get("perplexity"),
+            accuracy=None,
+            loss=float("nan"),
             train_loss=s.train_loss,
             clients=s.clients,
             sampled=len(s.sampled),
@@ -237,24 +267,34 @@ class Federation:
             bytes_down=s.bytes_down,
             aggregation_error=s.aggregation_error,
             declined=s.declined,
-            eval_examples=len(round_test),
+            eval_examples=len(self.evaluator.round_test),
             epsilon=bridge.worst_epsilon,
             train_seconds=s.train_seconds,
             train_tokens=s.train_tokens,
             client_seconds=s.client_seconds,
-            aggregate_seconds=t_eval - t_agg,
-            eval_seconds=time.perf_counter() - t_eval,
-            seconds=time.perf_counter() - t0,
+            aggregate_seconds=aggregate_seconds,
+            eval_seconds=0.0,
+            seconds=seconds,
         )
+
+    def _evaluate(self, record: RoundRecord, global_state: dict) -> RoundRecord:
+        t0 = time.perf_counter()
+        scores = self.evaluator.scores(global_state, self.evaluator.round_test)
+        record.accuracy, record.loss, record.perplexity = scores["accuracy"], scores["loss"], scores.get("perplexity")
+        record.eval_seconds = time.perf_counter() - t0
+        return record
+
+    def _keep(self, record: RoundRecord) -> None:
+        """The round's metrics line, then its checkpoint (a resume keeps checkpointed rounds)."""
         self.records.append(record)
         append_metrics(self.metrics_path, record.to_json())
-        self._checkpoint(rnd)
+        self._checkpoint(record.round)
         self.progress(record.progress_line(self.cfg.rounds, len(self.evaluator.test)))
-        return record
 
     # ----- the end -------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         """Final evaluation, the adapter, ``summary.json`` and ``report.png``."""
+        self.settle_evaluation(count_wait=True)
         cfg = self.cfg
         final = self.evaluator.final(self.records, self.bridge.global_state, self.progress)
         reason = unexportable_reason(cfg)
@@ -278,6 +318,7 @@ class Federation:
             "seconds": self.seconds_before + time.perf_counter() - self.start,
             "resumed_after_round": self.resumed_after,
         }
+        self._eval_pool.shutdown()
         write_json_atomic(self.out_dir / "summary.json", summary)
         if self.records:
             title = f"fedlora {cfg.strategy}, {cfg.clients} clients"
