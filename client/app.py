@@ -399,6 +399,7 @@ def train_reply(req: Request, run: LocalRun, context: Context, handler_start: fl
         steps=cfg.local_steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        head_lr=cfg.head_lr,
         max_length=cfg.max_length,
         device=setup.device,
     )

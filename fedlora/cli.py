@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import (
+    BY_NAME,
     COORDINATOR,
     QUANTIZE,
     SIMULATE,
@@ -20,7 +21,7 @@ from fedlora.config import (
     given_flags,
     load_toml,
 )
-from fedlora.config.flags import CHOICES
+from fedlora.config.flags import CHOICES, show
 from fedlora.config.setting import spoken
 from fedlora.errors import UserError
 from fedlora.io.agent_state import DEFAULT_MAX_STEPS, AgentPrivacy
@@ -204,6 +205,9 @@ def _run_settings(args: argparse.Namespace, command: str) -> tuple[RunConfig, Pa
         return resume_config(args.out), Path(args.out)
     cfg = run_config_from_args(args, command)
     _refuse_earlier_run(cfg.out, args.overwrite)
+    if adjusted := cfg.dp_adjustments():
+        settings = ", ".join(f"{BY_NAME[name].label(command)} {show(value)}" for name, value in adjusted.items())
+        print(f"under DP: {settings} (DP's own defaults; give a flag to override)")
     return cfg, Path(cfg.out) if cfg.out else default_out_dir(cfg)
 
 

@@ -13,10 +13,12 @@ from fedlora.cli import build_parser, main, run_config_from_args
 from fedlora.config import BY_NAME, COORDINATOR, SCHEMA, SIMULATE, RunConfig, load_toml
 from fedlora.errors import UserError
 
-# "(default 3e-3; causal-lm 5e-4)", "(default 3; 0: off)", "(default 0: all)", "(default: off)"
+# "(default 3e-3; ffa 1e-2, fedsb 5e-3; causal-lm 5e-4; under DP 1e-3)", "(default 3; 0: off)",
+# "(default 0: all)", "(default: off)"
 DEFAULT = re.compile(
     r"\(default(?:: (?P<shown>[^()]+)|"
-    r" (?P<value>[^;:()]+)(?:; causal-lm (?P<causal>[^;:()]+))?(?:(?:: |; 0: )[^()]+)?)\)$"
+    r" (?P<value>[^;:()]+)(?:; (?P<strategies>[a-z]+ [^;:(), ]+(?:, [a-z]+ [^;:(), ]+)*))?"
+    r"(?:; causal-lm (?P<causal>[^;:()]+))?(?:; under DP (?P<dp>[^;:()]+))?(?:(?:: |; 0: )[^()]+)?)\)$"
 )
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,30 @@ def test_every_option_help_names_the_real_default(command):
             continue
         expected = parse_default(m["causal"], name) if m["causal"] else getattr(plain, name)
         assert expected == getattr(causal, name), f"{action.help!r}: causal-lm default {getattr(causal, name)!r}"
+        check_situational_defaults(name, m, action.help)
+
+
+def configured(**values) -> RunConfig:
+    cfg = RunConfig()
+    cfg.update(values)
+    return cfg
+
+
+def check_situational_defaults(name: str, m: re.Match, help_text: str) -> None:
+    """The strategy and DP defaults that --help names are the ones a run gets."""
+    from fedlora.strategies import STRATEGY_NAMES
+
+    named = dict(item.split(" ") for item in m["strategies"].split(", ")) if m["strategies"] else {}
+    assert set(named) <= set(STRATEGY_NAMES), help_text
+    if name in ("strategy", "dp_epsilon"):
+        return
+    for strategy in STRATEGY_NAMES:
+        expected = parse_default(named.get(strategy, m["value"]), name)
+        assert getattr(configured(strategy=strategy), name) == expected, f"{help_text!r} under {strategy}"
+    if m["dp"]:
+        assert getattr(configured(dp_epsilon=3.0), name) == parse_default(m["dp"], name), help_text
+    else:
+        assert getattr(configured(dp_epsilon=3.0), name) == getattr(RunConfig(), name), help_text
 
 
 def test_the_coordinators_clients_flag_is_min_clients():
@@ -69,7 +95,8 @@ def test_the_coordinators_clients_flag_is_min_clients():
 def test_lr_help_names_both_task_defaults_and_strategies_come_from_the_registry():
     from fedlora.strategies import STRATEGY_NAMES
 
-    assert command_parser(SIMULATE)._option_string_actions["--lr"].help.endswith("(default 3e-3; causal-lm 5e-4)")
+    lr_help = command_parser(SIMULATE)._option_string_actions["--lr"].help
+    assert lr_help.endswith("(default 3e-3; ffa 0.01, fedsb 5e-3; causal-lm 5e-4; under DP 1e-3)"), lr_help
     text = command_parser(SIMULATE).format_help()
     assert ", ".join(STRATEGY_NAMES[:-1]) in " ".join(text.split())
 
@@ -216,3 +243,33 @@ def test_unset_settings_pass_and_wrong_types_are_refused():
     for values in ({"rounds": True}, {"rounds": 2.5}, {"ranks": ["-1"]}, {"target_modules": "a,b", "model": 3}):
         with pytest.raises(UserError, match="wrong type"):
             RunConfig.from_dict(values)
+
+
+def test_strategy_defaults_follow_the_strategy_but_never_override_a_given_value():
+    cfg = configured(strategy="fedsb")
+    assert (cfg.lr, cfg.init_dtype, cfg.rank) == (5e-3, "bf16", 16)
+    cfg.update({"strategy": "fedavg"})  # a later file or flag changes the strategy: defaults follow
+    assert (cfg.lr, cfg.init_dtype) == (3e-3, "")
+    given = configured(strategy="fedsb", lr=1e-2, init_dtype="fp32")
+    assert (given.lr, given.init_dtype) == (1e-2, "fp32")
+    assert configured(strategy="fedsb", task="causal-lm").lr == 5e-4  # the task's default wins
+    coded = RunConfig(lr=7e-3)  # a value set in code is not a default, and stays
+    coded.update({"strategy": "ffa"})
+    assert coded.lr == 7e-3
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_dp_run_takes_dps_defaults_for_what_it_leaves_unset_and_says_so(capsys, tmp_path):
+    from fedlora.cli import _run_settings
+
+    cfg = configured(dp_epsilon=3.0)
+    assert (cfg.batch_size, cfg.lr, cfg.head_lr) == (64, 1e-3, 3e-2)
+    assert cfg.dp_adjustments() == {"batch_size": 64, "lr": 1e-3, "head_lr": 3e-2}
+    given = configured(dp_epsilon=3.0, strategy="fedsb", lr=5e-3)
+    assert (given.lr, given.batch_size) == (5e-3, 64) and "lr" not in given.dp_adjustments()
+    assert configured().dp_adjustments() == {} and configured().head_lr is None
+    assert RunConfig.from_dict(cfg.to_dict()).dp_adjustments() == {}  # a saved config is all explicit
+    _run_settings(build_parser().parse_args(["simulate", "--dp-epsilon", "3", "--out", str(tmp_path)]), SIMULATE)
+    assert "under DP: --batch-size 64, --lr 1e-3, --head-lr 0.03" in capsys.readouterr().out
+    _run_settings(build_parser().parse_args(["simulate", "--out", str(tmp_path)]), SIMULATE)
+    assert "under DP" not in capsys.readouterr().out

@@ -8,7 +8,7 @@ from conftest import make_tiny_bert
 from fedlora.ml import privacy
 from fedlora.ml.adapters import LoRASpec, adapter_state, inject_lora, lora_modules, set_trainable
 from fedlora.ml.data import TextDataset
-from fedlora.ml.training import autocast_for, batch_order, train_local, weight_gradients
+from fedlora.ml.training import adamw, autocast_for, batch_order, train_local, weight_gradients
 
 
 class Tokenizer:
@@ -125,3 +125,19 @@ def test_dp_gradient_without_noise_or_clipping_on_full_batches_is_the_plain_grad
     for net in (plain_net, dp_net):
         assert all(p.grad is None for p in net.parameters())
         _assert_plain(net, [False] * len(list(net.parameters())))
+
+
+def test_the_head_trains_at_its_own_rate_when_given_one():
+    net = _net()  # LoRASpec's default head modules: the classifier
+    trained = [p for p in net.parameters() if p.requires_grad]
+    (single,) = adamw(net, 1e-3).param_groups
+    assert single["lr"] == 1e-3 and [id(p) for p in single["params"]] == [id(p) for p in trained]
+    body, head = adamw(net, 1e-3, head_lr=3e-2).param_groups
+    assert (body["lr"], head["lr"]) == (1e-3, 3e-2)
+    assert {id(p) for p in head["params"]} == {id(p) for p in net.classifier.parameters()}
+    assert len(body["params"]) + len(head["params"]) == len(trained)
+    stats_net = _net()
+    before = stats_net.classifier.weight.detach().clone()
+    train_local(stats_net, Tokenizer(), _data(32), steps=2, batch_size=8, lr=1e-6, head_lr=1e-1, max_length=8, seed=0)
+    moved = (stats_net.classifier.weight - before).abs().max()
+    assert moved > 1e-2  # the head took steps of its own rate, not --lr's

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedlora.config.choices import ATTACKS, PARTITIONS, POOLINGS, QUANTIZE, ROBUST_MODES, TASKS, WIRE_DTYPES
 from fedlora.config.coerce import coerce
+from fedlora.config.defaults import adjusted_under_dp, follow_situation
 from fedlora.config.setting import (
     ATTACK,
     COORDINATOR,
@@ -55,7 +56,8 @@ class RunConfig:
         "local Hugging Face model folder or .gguf file",
         shown="embedded all-MiniLM-L6-v2; causal-lm embedded SmolLM2-135M-Instruct",
     )
-    rank: int = setting(8, MODEL, "LoRA rank", range=COUNT)
+    # rank 16 for every strategy: the strategy benchmark's (docs/benchmarks.md)
+    rank: int = setting(16, MODEL, "LoRA rank", range=COUNT)
     ranks: tuple[int, ...] = setting(
         (),
         MODEL,
@@ -63,7 +65,7 @@ class RunConfig:
         range=COUNT,
         shown="--rank for every client",
     )
-    lora_alpha: float = setting(16.0, MODEL, "LoRA scaling numerator", range=POSITIVE)
+    lora_alpha: float = setting(32.0, MODEL, "LoRA scaling numerator", range=POSITIVE)
     target_modules: tuple[str, ...] = setting(
         ("query", "value"),
         MODEL,
@@ -118,14 +120,35 @@ class RunConfig:
         "dirichlet", FEDERATION, "how training examples are split among clients: {choices}", choices=PARTITIONS
     )
     alpha: float = setting(1.0, FEDERATION, "Dirichlet concentration; smaller is more skewed", range=POSITIVE)
+    # 16 batches give a steadier A and B than 4 (strategy benchmark); only Fed-SB pays for them
     init_batches: int = setting(
-        4, FEDERATION, "Fed-SB: batches per client for the initialisation gradient", range=COUNT
+        16, FEDERATION, "Fed-SB: batches per client for the initialisation gradient", range=COUNT
     )
     seed: int = setting(0, FEDERATION, "random seed")
 
     local_steps: int = setting(8, TRAINING, "optimizer steps per client per round", range=COUNT)
-    batch_size: int = setting(16, TRAINING, "local batch size", range=COUNT)
-    lr: float = setting(3e-3, TRAINING, "local learning rate", range=POSITIVE, causal_lm=5e-4)
+    # Under DP (docs/benchmarks.md, the DP sweep): larger Poisson batches average the noise
+    # down, the adapters take small steps that the noise cannot walk far, and the head,
+    # which reads features that already separate the classes, takes large ones.
+    batch_size: int = setting(16, TRAINING, "local batch size", range=COUNT, under_dp=64)
+    # per strategy from the strategy benchmark: FFA-LoRA and Fed-SB train fewer numbers
+    lr: float = setting(
+        3e-3,
+        TRAINING,
+        "local learning rate",
+        range=POSITIVE,
+        by_strategy=(("ffa", 1e-2), ("fedsb", 5e-3)),
+        causal_lm=5e-4,
+        under_dp=1e-3,
+    )
+    head_lr: float | None = setting(
+        None,
+        TRAINING,
+        "learning rate of the head modules (--head-modules), which train in full",
+        range=POSITIVE,
+        shown="--lr; under DP 0.03",
+        under_dp=3e-2,
+    )
     max_length: int = setting(64, TRAINING, "tokens per example", range=COUNT, causal_lm=256)
 
     # Ray's num_gpus per simulated client: it exposes CUDA to the client and lets 1/share of
@@ -193,12 +216,14 @@ class RunConfig:
     dp_clip: float = setting(1.0, PRIVACY, "per-sample gradient clipping norm", range=POSITIVE)
 
     wire_dtype: str = setting("fp32", WIRE, "dtype of adapter tensors on the wire: {choices}", choices=WIRE_DTYPES)
+    # Fed-SB's one-off tensors are most of its bytes; bf16 halves them at no measured cost
     init_dtype: str = setting(
         "",
         WIRE,
         "dtype of what is sent once, Fed-SB's initialisation and the frozen A (and B) of FFA-LoRA and Fed-SB: {choices}",
         choices=WIRE_DTYPES,
-        shown="--wire-dtype",
+        shown="--wire-dtype; fedsb bf16",
+        by_strategy=(("fedsb", "bf16"),),
     )
 
     # An update whose effect norm exceeds multiple x the round's median (or the last known
@@ -254,18 +279,19 @@ class RunConfig:
         return cfg
 
     def update(self, values: Mapping[str, Any]) -> None:
-        """Set settings from a mapping; unknown keys and wrong types are user errors. Under
-        --task causal-lm the settings never given take their causal-lm defaults."""
+        """Set settings from a mapping; unknown keys and wrong types are user errors. The
+        settings never given take the defaults of the run's task, strategy and privacy."""
         for key, value in values.items():
             key = key.replace("-", "_")
             if key not in BY_NAME:
                 raise UserError(f"unknown config key {key!r}")
             self._explicit.add(key)
             setattr(self, key, coerce(BY_NAME[key], key, value))
-        if self.task == "causal-lm":
-            for key, default in CAUSAL_LM_DEFAULTS.items():
-                if key not in self._explicit:
-                    setattr(self, key, default)
+        follow_situation(self, SCHEMA, self._explicit)
+
+    def dp_adjustments(self) -> dict[str, Any]:
+        """The settings this DP run left unset that take DP's own defaults (printed at start)."""
+        return adjusted_under_dp(self, SCHEMA, self._explicit)
 
     @property
     def _explicit(self) -> set[str]:

@@ -90,6 +90,8 @@ class Setting:
     range: Range | None = None  # of each item, for a tuple
     choices: tuple[str, ...] = ()
     causal_lm: Any = UNSET  # the default under --task causal-lm, where it differs
+    by_strategy: tuple[tuple[str, Any], ...] = ()  # (strategy, default) where a strategy's differs
+    under_dp: Any = UNSET  # the default of a run under DP (--dp-epsilon), where it differs
     shown: str = ""  # the default in words, where it is unset (None or "") and the run picks
     zero: str = ""  # what 0 means, where it means something special (off, all)
     nonempty: str = ""  # what a tuple must name at least one of

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlora.ml.adapters import lora_modules
+from fedlora.ml.adapters import head_module, lora_modules
 from fedlora.ml.data import TextDataset
 from fedlora.ml.instructions import InstructionDataset
 from fedlora.ml.privacy import DPPlan, History, private
@@ -174,6 +174,18 @@ def _run(
         model.eval()
 
 
+def adamw(model: nn.Module, lr: float, head_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW on the parameters that require grad; with ``head_lr`` the head modules (the
+    adapter spec's, e.g. the classifier) in a group of their own at that rate."""
+    spec = getattr(model, "fedlora_spec", None)
+    heads = spec.head_modules if spec is not None and head_lr is not None else ()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [p for name, p in trained if head_module(name, heads)]
+    rest = [p for name, p in trained if not head_module(name, heads)]
+    groups = [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
+
+
 def train_local(
     model: nn.Module,
     tokenizer,
@@ -188,12 +200,13 @@ def train_local(
     device: torch.device | str = "cpu",
     dp: DPPlan | None = None,
     history: History | None = None,
+    head_lr: float | None = None,
 ) -> tuple[TrainStats, History]:
     """AdamW on the parameters that require grad, for a fixed number of steps; under ``dp``
-    DP-SGD (AdamW on the privatized gradient). Returns the stats and the privacy history
-    with these steps added (unchanged without ``dp``)."""
+    DP-SGD (AdamW on the privatized gradient). ``head_lr``: the head modules' own rate.
+    Returns the stats and the privacy history with these steps added (unchanged without ``dp``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = adamw(model, lr, head_lr)
     before = [p.detach().clone() for p in params] if dp is not None else []
     stats, history = _run(
         model,
