@@ -49,21 +49,25 @@ def checkpoint_seconds(run_dir: Path, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def breakdown(m: dict, checkpoint_s: float) -> dict[str, float]:
+def breakdown(m: dict, checkpoint_s: float, waited_for_evaluation: bool) -> dict[str, float]:
+    """A round's parts. Its evaluation runs beside the next round's training, so only the
+    last round (which waits for its own) counts it in its time."""
     client_other = m["client_seconds"] - m["train_seconds"]
-    transport = m["seconds"] - m["client_seconds"] - m["aggregate_seconds"] - m["eval_seconds"]
+    evaluation = m["eval_seconds"] if waited_for_evaluation else 0.0
+    transport = m["seconds"] - m["client_seconds"] - m["aggregate_seconds"] - evaluation
     return {
         "local training": m["train_seconds"],
         "client set-up and codec": client_other,
         "Flower transport and scheduling": transport,
         "server validation and aggregation": m["aggregate_seconds"],
-        "evaluation": m["eval_seconds"],
+        "evaluation, waited for": evaluation,
         "checkpoint": checkpoint_s,
     }
 
 
-def deploy(tmp: Path, run_dir: Path, extra: list[str]) -> None:
-    """A coordinator and one agent on loopback, until the run is done; both stopped after."""
+def deploy(tmp: Path, run_dir: Path, extra: list[str], pin: bool = False) -> None:
+    """A coordinator and one agent on loopback, until the run is done; both stopped after.
+    ``pin``: the coordinator on CPU 0 and the agent on CPU 1, as if on two machines."""
     from fedlora.deploy.processes import free_loopback_port, stop
 
     cli = [sys.executable, "-m", "fedlora.cli"]
@@ -74,7 +78,10 @@ def deploy(tmp: Path, run_dir: Path, extra: list[str]) -> None:
     agent += ["--state-dir", str(tmp / "agent"), "--device", "cpu"]
     with contextlib.ExitStack() as stack:
         procs = []
-        for cmd, log in ((coordinator + ["--out", str(run_dir), *extra], "coordinator.out"), (agent, "agent.out")):
+        commands = [coordinator + ["--out", str(run_dir), *extra], agent]
+        if pin:
+            commands = [["taskset", "-c", str(cpu), *cmd] for cpu, cmd in enumerate(commands)]
+        for cmd, log in zip(commands, ("coordinator.out", "agent.out")):
             out = stack.enter_context((tmp / log).open("wb"))
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         try:
@@ -99,12 +106,13 @@ def print_deployed(metrics: list[dict], run_dir: Path) -> None:
             f"| {m['round']} | {m['seconds']:.2f} | {m['train_seconds']:.2f} | {m['client_seconds']:.2f}"
             f" | {m['eval_seconds']:.2f} | {ratio:.2f} |"
         )
-    steady = metrics[1:] or metrics
+    steady = metrics[1:-1] or metrics[1:] or metrics  # the last round waits for its own evaluation
     wall = statistics.mean(m["seconds"] for m in steady)
     train = statistics.mean(m["train_seconds"] for m in steady)
     evaluation = statistics.mean(m["eval_seconds"] for m in steady)
-    print(f"\nrounds 2+: {wall:.2f} s a round, training {train:.2f} s: round / training = {wall / train:.2f}")
-    print(f"without the coordinator's evaluation ({evaluation:.2f} s): {(wall - evaluation) / train:.2f}")
+    span = f"rounds 2-{len(metrics) - 1}" if len(metrics) > 2 else "rounds 2+"
+    print(f"\n{span}: {wall:.2f} s a round, training {train:.2f} s: round / training = {wall / train:.2f}")
+    print(f"the coordinator's evaluation ({evaluation:.2f} s) ran beside the next round's training")
     init = [line for line in (run_dir / "coordinator.log").read_text().splitlines() if "initialisation from" in line]
     if init:
         print(f"initialisation: {init[-1].strip()}")
@@ -114,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", help="a finished run to read instead of running the default job")
     parser.add_argument("--deployed", action="store_true", help="a coordinator and one agent on loopback")
+    parser.add_argument("--pin", action="store_true", help="--deployed: coordinator on CPU 0, agent on CPU 1")
     parser.add_argument("--keep", help="--deployed: keep the run, the agent's state and both logs in this new folder")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -122,7 +131,7 @@ def main() -> None:
         run_dir = Path(args.run_dir) if args.run_dir else work / "run"
         if args.deployed and not args.run_dir:
             work.mkdir(parents=True, exist_ok=False)
-            deploy(work, run_dir, extra)
+            deploy(work, run_dir, extra, pin=args.pin)
         elif not args.run_dir:
             cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(run_dir), *extra]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -133,13 +142,14 @@ def main() -> None:
             print_deployed(metrics, run_dir)
     if any("client_seconds" not in m for m in metrics):
         raise SystemExit("this run predates the timing fields (client_seconds, aggregate_seconds)")
-    rows = [breakdown(m, ckpt) for m in metrics]
-    steady = rows[1:] or rows
+    rows = [breakdown(m, ckpt, waited_for_evaluation=i == len(metrics) - 1) for i, m in enumerate(metrics)]
+    steady = rows[1:-1] or rows[1:] or rows
     parts = {k: statistics.mean(r[k] for r in steady) for k in steady[0]}
     total = sum(parts.values())
     first_total = sum(rows[0].values())
     print(
-        f"rounds {len(metrics)}; round 1 took {first_total:.1f} s (model load included); rounds 2+ average {total:.2f} s\n"
+        f"rounds {len(metrics)}; round 1 took {first_total:.1f} s (model load included); rounds 2 to {len(metrics) - 1}"
+        f" average {total:.2f} s\n"
     )
     print("| part of a round | seconds | share |")
     print("|---|---|---|")
@@ -147,10 +157,11 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {seconds / total:.1%} |")
     overhead = total - parts["local training"]
     print(f"\nround overhead (everything but local training): {overhead:.2f} s = {overhead / total:.1%} of the round")
+    evaluation = statistics.mean(m["eval_seconds"] for m in metrics[1:-1] or metrics)
     print(
-        f"without evaluation: {overhead - parts['evaluation']:.2f} s = {(overhead - parts['evaluation']) / total:.1%}"
+        f"evaluation of each round on {metrics[-1].get('eval_examples', '?')} held-out examples: {evaluation:.2f} s,"
+        " beside the next round's training (the last round waits for its own)"
     )
-    print(f"evaluation in each round: {metrics[-1].get('eval_examples', '?')} held-out examples")
     final_s = summary.get("final_eval_seconds", 0.0)
     if final_s:
         spread = final_s / len(metrics)

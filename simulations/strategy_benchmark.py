@@ -1,11 +1,15 @@
 """All four strategies on the same split and budget: accuracy against bytes.
 
-    python simulations/strategy_benchmark.py [--datasets bbc,sst2] [--rounds R] [--pooling pooler|mean]
-        [--seeds 0,1,2] [--lr fedsb=1e-2,...] [--rank fedsb=24,...] [--init-dtype bf16]
-        [--out DIR] [--reuse | --report-only]
+    python simulations/strategy_benchmark.py [--settings defaults|tuned] [--datasets bbc,sst2]
+        [--rounds R] [--pooling auto|pooler|mean] [--seeds 0,1,2] [--lr fedsb=1e-2,...]
+        [--rank fedsb=24,...] [--init-dtype bf16] [--out DIR] [--reuse | --report-only]
 
 Each strategy runs as a real `fedlora simulate` (Flower's simulation engine) with the
-same clients, Dirichlet split, rounds, local steps and rank. SST-2 is read from
+same clients, Dirichlet split and rounds. ``--settings defaults`` (the default): BBC,
+5 rounds, every strategy at fedlora's own defaults for it, as a user who only names
+the strategy gets them. ``--settings tuned``: the settings the earlier tables were
+measured with (15 rounds, BBC and SST-2, BERT's pooler, rank 16 with adapters on
+``pooler.dense``, the learning rates in ``LR``), which chose those defaults. SST-2 is read from
 ../shared/data/sst2 when that folder exists. Prints, per data set, a table of final
 accuracy, bytes up and down (measured on the serialized payloads, the one-off costs
 such as Fed-SB's initialisation included), bytes to first reach the target accuracy,
@@ -31,8 +35,17 @@ from fedlora.strategies import STRATEGY_NAMES as STRATEGIES
 
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
-# A small head (the classifier) and LoRA on BERT's pooler, so that the adapter payload,
-# the part the strategies differ in, is what the bytes measure.
+# --settings defaults: only what every run must share for the comparison; the rest is
+# fedlora's per-strategy defaults
+DEFAULTS = {
+    "clients": 4,
+    "partition": "dirichlet",
+    "alpha": 1.0,
+    "seed": 0,
+    "round_eval_examples": 0,  # every round on the whole held-out split: the curves are the result
+}
+# --settings tuned: a small head (the classifier) and LoRA on BERT's pooler, so that the
+# adapter payload, the part the strategies differ in, is what the bytes measure.
 COMMON = {
     "target_modules": ["query", "value", "pooler.dense"],
     "head_modules": ["classifier"],
@@ -55,9 +68,11 @@ LR = {"fedavg": 3e-3, "ffa": 1e-2, "flora": 3e-3, "fedsb": 5e-3}
 ONE_OFF_TENSORS = ("ffa", "fedsb")
 
 
-def with_pooling(settings: dict, pooling: str) -> dict:
-    """``settings`` for a classifier that reads ``pooling``; with mean pooling the pooler
-    layer is gone, and so is the adapter on it."""
+def with_pooling(settings: dict, pooling: str | None) -> dict:
+    """``settings`` for a classifier that reads ``pooling`` (None: the run's default); with
+    mean pooling the pooler layer is gone, and so is the adapter on it."""
+    if pooling is None:
+        return settings
     out = {**settings, "pooling": pooling}
     if pooling == "mean":
         out["target_modules"] = [m for m in settings["target_modules"] if not m.startswith("pooler")]
@@ -97,7 +112,8 @@ def finished_with(out_dir: Path, settings: dict, strategy: str, options: dict) -
 
 def strategy_options(strategy: str, lrs: dict, ranks: dict, wire_dtype: str, init_dtype: str | None) -> dict:
     """The settings a strategy's run gets beyond the common ones, as config.json spells them."""
-    options = {"lr": lrs[strategy], "wire_dtype": wire_dtype}
+    options = {"lr": lrs[strategy]} if strategy in lrs else {}
+    options["wire_dtype"] = wire_dtype
     if strategy in ranks:
         options["rank"] = ranks[strategy]
     if init_dtype and strategy in ONE_OFF_TENSORS:
@@ -268,12 +284,16 @@ def per_strategy(parser: argparse.ArgumentParser, flag: str, text: str, cast: ty
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="bbc,sst2")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--settings", choices=("defaults", "tuned"), default="defaults", help="fedlora's defaults, or the tuned runs"
+    )
+    parser.add_argument("--datasets", help="default: bbc; tuned bbc,sst2")
+    parser.add_argument("--rounds", type=int, help="default: 5; tuned 15")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--out", default="runs/strategy-benchmark")
     parser.add_argument(
-        "--wire-dtypes", default="bf16", help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none)"
+        "--wire-dtypes",
+        help="16-bit wire dtypes to also run fedavg and fedsb with ('' for none; default: none, tuned bf16)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="tabulate the runs already in --out instead of running"
@@ -289,19 +309,24 @@ def main() -> int:
         help="fedlora simulate --init-dtype for ffa and fedsb, e.g. bf16 (default: their wire dtype)",
     )
     parser.add_argument(
-        "--pooling", choices=POOLINGS, default="pooler", help="what the classifier reads (fedlora simulate --pooling)"
+        "--pooling", choices=POOLINGS, help="what the classifier reads (fedlora simulate --pooling; tuned: pooler)"
     )
     parser.add_argument(
         "--seeds", default="0", help="comma-separated seeds; runs for seed s > 0 go to <data>-<strategy>-seed<s>"
     )
     args = parser.parse_args()
+    tuned = args.settings == "tuned"
+    args.datasets = args.datasets or ("bbc,sst2" if tuned else "bbc")
+    args.rounds = args.rounds or (15 if tuned else 5)
+    args.wire_dtypes = ("bf16" if tuned else "") if args.wire_dtypes is None else args.wire_dtypes
+    args.pooling = args.pooling or ("pooler" if tuned else None)
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not seeds or seeds[0] < 0:
         parser.error("--seeds needs at least one seed, none negative")
-    lrs = {**LR, **per_strategy(parser, "--lr", args.lr, float)}
+    lrs = {**(LR if tuned else {}), **per_strategy(parser, "--lr", args.lr, float)}
     ranks = per_strategy(parser, "--rank", args.rank, int)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +346,8 @@ def main() -> int:
         for name, (data_settings, target) in datasets.items():
             by_seed: dict[int, dict[str, tuple[list[dict], dict]]] = {}
             for seed in seeds:
-                settings = with_pooling({**COMMON, "rounds": args.rounds, "seed": seed, **data_settings}, args.pooling)
+                common = COMMON if tuned else DEFAULTS
+                settings = with_pooling({**common, "rounds": args.rounds, "seed": seed, **data_settings}, args.pooling)
                 suffix = f"-seed{seed}" if seed else ""
                 results = by_seed[seed] = {}
 
@@ -352,7 +378,7 @@ def main() -> int:
                         obtain(strategy, out / f"{name}-{strategy}-{dtype}{suffix}", dtype)
             first = by_seed[seeds[0]]
             seed_label = f", seed {seeds[0]}" if seeds != [0] else ""
-            title = f"{name}, {args.rounds} rounds, {args.pooling} pooling{seed_label}"
+            title = f"{name}, {args.rounds} rounds, {args.pooling or 'default'} pooling{seed_label}"
             table = report(name + seed_label, first, target, out / f"{name}-accuracy-vs-bytes.png", title)
             if len(seeds) > 1:
                 table += "\n\n" + seeds_report(name, by_seed)
