@@ -106,3 +106,19 @@ def test_a_model_without_a_pooler_to_replace_is_a_clear_error(tmp_path):
     RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
     with pytest.raises(UserError, match="pooling mean needs a BERT-style model"):
         load_classifier(str(tmp_path), 2, pooling="mean")
+
+
+def test_a_pooler_that_the_classifier_does_not_read_is_refused(tmp_path):
+    """MPNet has a pooler, but its classification head reads the first token's state:
+    replacing the pooler would change nothing, silently."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from fedlora.errors import UserError
+    from fedlora.ml.models import load_classifier
+
+    config = MPNetConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    MPNetForSequenceClassification(config).save_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match="pooling mean needs a BERT-style model"):
+        load_classifier(str(tmp_path), 2, pooling="mean")

@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+)
 
 from fedlora.errors import UserError
 from fedlora.ml.gguf_import import cached_folder, default_causal_lm_file
@@ -64,11 +70,15 @@ class MaskedMeanPooler(nn.Module):
 
 
 def use_mean_pooling(net: nn.Module) -> None:
-    """Make a BERT-style classifier read the masked mean of the token states instead of its pooler."""
+    """Make a BERT classifier read the masked mean of the token states instead of its pooler.
+
+    BERT only: its classifier reads the pooler, and its export carries a BERT subclass
+    (``fedlora/io/hf_code``). Other models with a pooler may not classify from it (MPNet's
+    head reads the first token), or hand it the first token only (ALBERT's)."""
     encoder = net.base_model
-    if getattr(encoder, "pooler", None) is None:
+    if not isinstance(net, BertForSequenceClassification) or getattr(encoder, "pooler", None) is None:
         raise UserError(
-            f"--pooling mean needs a BERT-style model with a pooler layer to replace; {type(net).__name__} has none"
+            f"--pooling mean needs a BERT-style model (a BERT classifier with a pooler layer to replace); {type(net).__name__} is not one"
         )
     pooler = MaskedMeanPooler()
     encoder.pooler = pooler
