@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
+    PreTrainedConfig,
 )
 
 from fedlora.errors import UserError
@@ -89,12 +90,17 @@ def use_mean_pooling(net: nn.Module) -> None:
     encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
 
 
-def load_classifier(model: str | None, num_labels: int | None, pooling: str = "pooler") -> nn.Module:
+def load_classifier(
+    model: str | None, num_labels: int | None, pooling: str = "pooler", config: PreTrainedConfig | None = None
+) -> nn.Module:
     """A sequence-classification model on the base weights; a missing head is freshly
-    initialised (``num_labels=None``: keep the folder's own head)."""
+    initialised (``num_labels=None``: keep the folder's own head). ``config`` replaces the
+    folder's own config.json."""
     _quiet_transformers()
     path = resolve_model_path(model)
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    if config is not None:
+        kwargs["config"] = config
     try:
         net = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
