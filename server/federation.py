@@ -23,7 +23,7 @@ from fedlora.config import RunConfig
 from fedlora.flower.bridge import FlowerStrategy
 from fedlora.flower.messages import RunFacts
 from fedlora.io.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from fedlora.io.export import export_peft_adapter, unexportable_reason
+from fedlora.io.export import export_peft_adapter
 from fedlora.io.record import RoundRecord, format_scores, round_totals, worst_epsilon
 from fedlora.io.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
 from fedlora.ml.evaluation import evaluate_global_model, evaluation_device, seeded_slice
@@ -297,11 +297,8 @@ class Federation:
         self.settle_evaluation(count_wait=True)
         cfg = self.cfg
         final = self.evaluator.final(self.records, self.bridge.global_state, self.progress)
-        reason = unexportable_reason(cfg)
-        if reason is None:
-            export_peft_adapter(*self.strategy.export_adapter(self.bridge.global_state), cfg, self.out_dir / "adapter")
-        else:
-            self.progress(f"no adapter/ written: {reason}")
+        adapter = self.strategy.export_adapter(self.bridge.global_state)
+        export_peft_adapter(*adapter, cfg, self.splits.label_names, self.out_dir / "adapter")
         summary = {
             "strategy": cfg.strategy,
             "rounds": len(self.records),

@@ -32,3 +32,36 @@ def tiny_inputs() -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 100, (4, 12), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(scope="session")
+def mean_pooled_run(tmp_path_factory):
+    """A short FFA-LoRA run of the default model under DP with --pooling mean (the pooling DP needs)."""
+    from fedlora.cli import main
+
+    out = tmp_path_factory.mktemp("mean") / "run"
+    args = [
+        "simulate",
+        "--strategy",
+        "ffa",
+        "--pooling",
+        "mean",
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--eval-max-examples",
+        "16",
+        "--dp-epsilon",
+        "8",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    return out

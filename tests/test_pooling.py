@@ -1,12 +1,11 @@
 """--pooling mean: the classifier reads the masked mean of the token states, in training,
-evaluation and DP alike, and runs that use it are refused by export rather than mis-exported."""
+evaluation and DP alike, and only on a BERT classifier, whose export can express it."""
 
 import json
 
 import pytest
 import torch
 
-from fedlora.cli import main
 from fedlora.ml.adapters import LoRASpec, load_adapter_state
 from fedlora.ml.models import (
     MaskedMeanPooler,
@@ -71,49 +70,15 @@ def make_bare_folder(tmp_path):
     return folder
 
 
-@pytest.fixture(scope="module")
-def mean_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mean") / "run"
-    args = [
-        "simulate",
-        "--strategy",
-        "ffa",
-        "--pooling",
-        "mean",
-        "--clients",
-        "2",
-        "--rounds",
-        "2",
-        "--local-steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--max-length",
-        "32",
-        "--eval-max-examples",
-        "16",
-        "--dp-epsilon",
-        "8",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    return out
-
-
-def test_a_dp_run_with_mean_pooling_completes_and_records_it(mean_run):
-    assert json.loads((mean_run / "config.json").read_text())["pooling"] == "mean"
-    assert not (mean_run / "adapter").exists()  # PEFT's format would silently classify the pooler output
-    summary = json.loads((mean_run / "summary.json").read_text())
+def test_a_dp_run_with_mean_pooling_completes_and_records_it(mean_pooled_run):
+    assert json.loads((mean_pooled_run / "config.json").read_text())["pooling"] == "mean"
+    summary = json.loads((mean_pooled_run / "summary.json").read_text())
     assert 0 < summary["epsilon"] <= 8
     assert 0.0 <= summary["final_accuracy"] <= 1.0
-
-
-def test_export_refuses_a_mean_pooled_run(mean_run, tmp_path, capsys):
-    assert main(["export", str(mean_run), "--out", str(tmp_path / "adapter")]) != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot export" in err and "--pooling mean" in err
-    assert not (tmp_path / "adapter").exists()
+    # the adapter carries the mean-pooled model's config and code (tests/test_export_mean_pooling.py loads it)
+    config = json.loads((mean_pooled_run / "adapter" / "config.json").read_text())
+    assert config["model_type"] == "bert_mean_pooling" and config["id2label"]["0"] == summary["labels"][0]
+    assert (mean_pooled_run / "adapter" / "modeling_bert_mean_pooling.py").is_file()
 
 
 def test_a_model_without_a_pooler_to_replace_is_a_clear_error(tmp_path):
@@ -126,5 +91,21 @@ def test_a_model_without_a_pooler_to_replace_is_a_clear_error(tmp_path):
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     )
     RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match="pooling mean needs a BERT-style model"):
+        load_classifier(str(tmp_path), 2, pooling="mean")
+
+
+def test_a_pooler_that_the_classifier_does_not_read_is_refused(tmp_path):
+    """MPNet has a pooler, but its classification head reads the first token's state:
+    replacing the pooler would change nothing, silently."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from fedlora.errors import UserError
+    from fedlora.ml.models import load_classifier
+
+    config = MPNetConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    MPNetForSequenceClassification(config).save_pretrained(str(tmp_path))
     with pytest.raises(UserError, match="pooling mean needs a BERT-style model"):
         load_classifier(str(tmp_path), 2, pooling="mean")

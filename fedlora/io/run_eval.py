@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedlora.errors import UserError
+from fedlora.io.remote_code import folder_labels, is_mean_pooling_folder, load_mean_pooling_model
 from fedlora.io.runs import is_run_dir, load_run
 from fedlora.ml.data import TextDataset, load_text_file
 from fedlora.ml.evaluation import evaluate_global_model
@@ -28,22 +29,31 @@ def load_for_eval(path: str | Path) -> tuple[nn.Module, object, list[str] | None
         run = load_run(path)
         return run.model(), load_tokenizer(run.cfg.model), run.labels, run.cfg.max_length
     if (path / "adapter_config.json").is_file():
-        try:
-            config = json.loads((path / "adapter_config.json").read_text())
-            weights = load_file(str(path / "adapter_model.safetensors"))
-        except Exception as exc:
-            raise UserError(f"unreadable adapter in {path}: {exc}") from None
-        heads = [t for n, t in weights.items() if n.endswith("classifier.weight") or n.endswith("score.weight")]
-        if not heads:
-            raise UserError(f"adapter in {path} has no classification head")
-        base = config.get("base_model_name_or_path")
-        model = PeftModel.from_pretrained(load_classifier(base, heads[0].shape[0]), str(path))
-        return model.eval(), load_tokenizer(base), None, 128
+        return _load_adapter(path)
+    if is_mean_pooling_folder(path):  # a merged mean-pooled export, read without running its code
+        return load_mean_pooling_model(path), load_tokenizer(str(path)), folder_labels(path), 128
     if (path / "config.json").is_file():
         model = load_classifier(str(path), None)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         return model, load_tokenizer(str(path)), labels, 128
     raise UserError(f"{path} is neither a fedlora run, a PEFT adapter nor a model folder")
+
+
+def _load_adapter(path: Path) -> tuple[nn.Module, object, list[str] | None, int]:
+    """A PEFT classifier adapter on its base model; a mean-pooled one's folder names the labels."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        weights = load_file(str(path / "adapter_model.safetensors"))
+    except Exception as exc:
+        raise UserError(f"unreadable adapter in {path}: {exc}") from None
+    heads = [t for n, t in weights.items() if n.endswith("classifier.weight") or n.endswith("score.weight")]
+    if not heads:
+        raise UserError(f"adapter in {path} has no classification head")
+    base = config.get("base_model_name_or_path")
+    mean = is_mean_pooling_folder(path)
+    net = load_classifier(base, heads[0].shape[0], "mean" if mean else "pooler")
+    model = PeftModel.from_pretrained(net, str(path))
+    return model.eval(), load_tokenizer(base), folder_labels(path) if mean else None, 128
 
 
 def align_labels(data: TextDataset, model_labels: list[str] | None) -> TextDataset:

@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+    PreTrainedConfig,
+)
 
 from fedlora.errors import UserError
 from fedlora.ml.gguf_import import cached_folder, default_causal_lm_file
@@ -78,19 +85,28 @@ def declared_pooling(path: str) -> str | None:
 
 
 def resolve_pooling(model: str | None, pooling: str) -> str:
-    """``auto``: what the model's own metadata declares (all-MiniLM-L6-v2: mean), else
+    """``auto``: what a BERT model's own metadata declares (all-MiniLM-L6-v2: mean), else
     the model's pooled output; any other value as given."""
     if pooling != "auto":
         return pooling
-    return declared_pooling(resolve_model_path(model)) or "pooler"
+    path = resolve_model_path(model)
+    try:
+        is_bert = json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, ValueError, AttributeError):
+        is_bert = False
+    return (declared_pooling(path) if is_bert else None) or "pooler"
 
 
 def use_mean_pooling(net: nn.Module) -> None:
-    """Make a BERT-style classifier read the masked mean of the token states instead of its pooler."""
+    """Make a BERT classifier read the masked mean of the token states instead of its pooler.
+
+    BERT only: its classifier reads the pooler, and its export carries a BERT subclass
+    (``fedlora/io/hf_code``). Other models with a pooler may not classify from it (MPNet's
+    head reads the first token), or hand it the first token only (ALBERT's)."""
     encoder = net.base_model
-    if getattr(encoder, "pooler", None) is None:
+    if not isinstance(net, BertForSequenceClassification) or getattr(encoder, "pooler", None) is None:
         raise UserError(
-            f"--pooling mean needs a BERT-style model with a pooler layer to replace; {type(net).__name__} has none"
+            f"--pooling mean needs a BERT-style model (a BERT classifier with a pooler layer to replace); {type(net).__name__} is not one"
         )
     pooler = MaskedMeanPooler()
     encoder.pooler = pooler
@@ -101,12 +117,17 @@ def use_mean_pooling(net: nn.Module) -> None:
     encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
 
 
-def load_classifier(model: str | None, num_labels: int | None, pooling: str = "auto") -> nn.Module:
+def load_classifier(
+    model: str | None, num_labels: int | None, pooling: str = "auto", config: PreTrainedConfig | None = None
+) -> nn.Module:
     """A sequence-classification model on the base weights; a missing head is freshly
-    initialised (``num_labels=None``: keep the folder's own head)."""
+    initialised (``num_labels=None``: keep the folder's own head). ``config`` replaces the
+    folder's own config.json."""
     _quiet_transformers()
     path = resolve_model_path(model)
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    if config is not None:
+        kwargs["config"] = config
     try:
         net = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
