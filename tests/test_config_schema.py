@@ -13,7 +13,7 @@ from fedlora.cli import build_parser, main, run_config_from_args
 from fedlora.config import BY_NAME, COORDINATOR, SCHEMA, SIMULATE, RunConfig, load_toml
 from fedlora.errors import UserError
 
-# "(default 3e-3; ffa 1e-2, fedsb 5e-3; causal-lm 5e-4; under DP 1e-3)", "(default 3; 0: off)",
+# "(default 3e-3; ffa 1e-2, fedsb 1e-2; causal-lm 5e-4; under DP 1e-3)", "(default 3; 0: off)",
 # "(default 0: all)", "(default: off)"
 DEFAULT = re.compile(
     r"\(default(?:: (?P<shown>[^()]+)|"
@@ -57,7 +57,10 @@ def test_every_option_help_names_the_real_default(command):
         assert parse_default(m["value"], name) == getattr(plain, name), action.help
         if name == "task":
             continue
-        expected = parse_default(m["causal"], name) if m["causal"] else getattr(plain, name)
+        if m["causal"] and m["causal"] == BY_NAME[name].shown:
+            expected = None  # unset under causal-lm: the run picks (the head's rate: --lr)
+        else:
+            expected = parse_default(m["causal"], name) if m["causal"] else getattr(plain, name)
         assert expected == getattr(causal, name), f"{action.help!r}: causal-lm default {getattr(causal, name)!r}"
         check_situational_defaults(name, m, action.help)
 
@@ -96,7 +99,7 @@ def test_lr_help_names_both_task_defaults_and_strategies_come_from_the_registry(
     from fedlora.strategies import STRATEGY_NAMES
 
     lr_help = command_parser(SIMULATE)._option_string_actions["--lr"].help
-    assert lr_help.endswith("(default 3e-3; ffa 0.01, fedsb 5e-3; causal-lm 5e-4; under DP 1e-3)"), lr_help
+    assert lr_help.endswith("(default 3e-3; ffa 0.01, fedsb 0.01; causal-lm 5e-4; under DP 1e-3)"), lr_help
     text = command_parser(SIMULATE).format_help()
     assert ", ".join(STRATEGY_NAMES[:-1]) in " ".join(text.split())
 
@@ -247,7 +250,7 @@ def test_unset_settings_pass_and_wrong_types_are_refused():
 
 def test_strategy_defaults_follow_the_strategy_but_never_override_a_given_value():
     cfg = configured(strategy="fedsb")
-    assert (cfg.lr, cfg.init_dtype, cfg.rank) == (5e-3, "bf16", 16)
+    assert (cfg.lr, cfg.init_dtype, cfg.rank) == (1e-2, "bf16", 16)
     cfg.update({"strategy": "fedavg"})  # a later file or flag changes the strategy: defaults follow
     assert (cfg.lr, cfg.init_dtype) == (3e-3, "")
     given = configured(strategy="fedsb", lr=1e-2, init_dtype="fp32")
@@ -264,12 +267,12 @@ def test_a_dp_run_takes_dps_defaults_for_what_it_leaves_unset_and_says_so(capsys
 
     cfg = configured(dp_epsilon=3.0)
     assert (cfg.batch_size, cfg.lr, cfg.head_lr) == (64, 1e-3, 3e-2)
-    assert cfg.dp_adjustments() == {"batch_size": 64, "lr": 1e-3, "head_lr": 3e-2}
+    assert cfg.dp_adjustments() == {"batch_size": 64, "lr": 1e-3}
     given = configured(dp_epsilon=3.0, strategy="fedsb", lr=5e-3)
     assert (given.lr, given.batch_size) == (5e-3, 64) and "lr" not in given.dp_adjustments()
-    assert configured().dp_adjustments() == {} and configured().head_lr is None
+    assert configured().dp_adjustments() == {} and configured(task="causal-lm").head_lr is None
     assert RunConfig.from_dict(cfg.to_dict()).dp_adjustments() == {}  # a saved config is all explicit
     _run_settings(build_parser().parse_args(["simulate", "--dp-epsilon", "3", "--out", str(tmp_path)]), SIMULATE)
-    assert "under DP: --batch-size 64, --lr 1e-3, --head-lr 0.03" in capsys.readouterr().out
+    assert "under DP: --batch-size 64, --lr 1e-3 (DP's own" in capsys.readouterr().out
     _run_settings(build_parser().parse_args(["simulate", "--out", str(tmp_path)]), SIMULATE)
     assert "under DP" not in capsys.readouterr().out

@@ -61,13 +61,13 @@ def help_text(s: Setting, flag: Flag | None = None) -> str:
 
 def default_text(s: Setting) -> str:
     """``default 3e-3; fedsb 5e-3; causal-lm 5e-4``, ``default 3; 0: off``, ``default: off``."""
-    if s.shown and s.default in (None, "", ()):
+    if s.shown and s.default in (None, "", ()) and s.causal_lm is UNSET:
         return f"default: {s.shown}"
     text = f"default {show(s.default)}"
     if s.by_strategy:
         text += "; " + ", ".join(f"{name} {show(value)}" for name, value in s.by_strategy)
     if s.causal_lm is not UNSET:
-        text += f"; causal-lm {show(s.causal_lm)}"
+        text += f"; causal-lm {s.shown if s.causal_lm is None and s.shown else show(s.causal_lm)}"
     if s.under_dp is not UNSET:
         text += f"; under DP {show(s.under_dp)}"
     if s.zero:
