@@ -130,7 +130,7 @@ def main() -> None:
         work = Path(args.keep) if args.keep else Path(tmp)
         run_dir = Path(args.run_dir) if args.run_dir else work / "run"
         if args.deployed and not args.run_dir:
-            work.mkdir(parents=True, exist_ok=False)
+            work.mkdir(parents=True, exist_ok=not args.keep)  # --keep: a new folder
             deploy(work, run_dir, extra, pin=args.pin)
         elif not args.run_dir:
             cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(run_dir), *extra]
