@@ -123,7 +123,7 @@ def dp_stats(dp: privacy.DPPlan | None, history: privacy.History) -> dict | None
     if dp is None:
         return None
     return {
-        "epsilon": privacy.epsilon_of(history, dp.delta),
+        "epsilon": privacy.epsilon_of(history, dp.delta, dp.accountant),
         "delta": dp.delta,
         "noise_multiplier": dp.noise_multiplier,
         "sample_rate": dp.sample_rate,
@@ -133,7 +133,7 @@ def dp_stats(dp: privacy.DPPlan | None, history: privacy.History) -> dict | None
 
 
 def epsilon_metric(dp: privacy.DPPlan | None, history: privacy.History) -> MetricRecord:
-    return MetricRecord({} if dp is None else {"epsilon": privacy.epsilon_of(history, dp.delta)})
+    return MetricRecord({} if dp is None else {"epsilon": privacy.epsilon_of(history, dp.delta, dp.accountant)})
 
 
 @dataclass
@@ -307,10 +307,12 @@ def plan_privacy(req: Request, history: privacy.History) -> privacy.DPPlan | Non
     if setup.dp_epsilon is None:
         return None
     total = privacy.planned_steps(cfg.rounds, cfg.local_steps, init_batches(req.strategy, cfg))
-    dp = privacy.plan(setup.dp_epsilon, setup.dp_delta, setup.dp_clip, len(setup.data), cfg.batch_size, total)
+    dp = privacy.plan(
+        setup.dp_epsilon, setup.dp_delta, setup.dp_clip, len(setup.data), cfg.batch_size, total, cfg.dp_accountant
+    )
     steps = cfg.init_batches if req.is_init else cfg.local_steps
     if privacy.would_exceed(history, dp, steps):
-        spent = privacy.epsilon_of(history, dp.delta)
+        spent = privacy.epsilon_of(history, dp.delta, dp.accountant)
         raise Declined(
             "privacy-budget", f"{steps} more steps would exceed epsilon {dp.epsilon} (spent {spent:.3f})", spent
         )

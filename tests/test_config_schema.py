@@ -180,7 +180,10 @@ def test_the_attack_table_sits_beside_the_fedlora_table(tmp_path):
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("[privacy]\nepsilon = 2.0\n", "unknown key 'epsilon' in [privacy]: use dp_epsilon, dp_delta and dp_clip"),
+        (
+            "[privacy]\nepsilon = 2.0\n",
+            "unknown key 'epsilon' in [privacy]: use dp_epsilon, dp_delta, dp_clip and dp_accountant",
+        ),
         ("rounds = 2\n[federation]\nrounds = 3\n", "config key 'rounds' is set twice"),
         ("privacy = 2\n", "privacy must be a table"),
     ],

@@ -24,15 +24,16 @@ def test_budget_is_never_exceeded_and_the_extra_round_is_declined():
     assert privacy.would_exceed(history, dp, 8)  # a sixth round would go over: declined
 
 
-def test_epsilon_matches_an_independent_opacus_accountant():
-    from opacus.accountants import RDPAccountant
+def test_epsilon_matches_independent_opacus_accountants():
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
     dp = privacy.plan(epsilon=1.0, delta=1e-5, clip=1.0, num_examples=300, batch_size=10, planned_steps=60)
     history = privacy.with_steps(privacy.with_steps([], dp, 20), dp, 20)
-    reference = RDPAccountant()
-    for _ in range(40):
-        reference.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
-    assert privacy.epsilon_of(history, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    for accountant, reference in (("prv", PRVAccountant()), ("rdp", RDPAccountant())):
+        for _ in range(40):
+            reference.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
+        expected = reference.get_epsilon(1e-5)
+        assert privacy.epsilon_of(history, 1e-5, accountant) == pytest.approx(expected, rel=1e-12)
 
 
 class TinyTokenizer:

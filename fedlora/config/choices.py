@@ -11,6 +11,8 @@ PARTITIONS = ("iid", "dirichlet")
 POOLINGS = ("auto", "pooler", "mean")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 ROBUST_MODES = ("clip", "reject")
+# the DP accountant that plans the noise and reports epsilon: PRV (tight) or RDP (looser; fedlora's before PRV)
+DP_ACCOUNTANTS = ("prv", "rdp")
 # how a client loads its frozen base model: full precision, or bitsandbytes 4-bit (NF4) or 8-bit (LLM.int8)
 QUANTIZE = ("none", "4bit", "8bit")
 # simulated hostile clients (fedlora.flower.attacks), named in a config file's [attack] table

@@ -6,7 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.config.choices import ATTACKS, PARTITIONS, POOLINGS, QUANTIZE, ROBUST_MODES, TASKS, WIRE_DTYPES
+from fedlora.config.choices import (
+    ATTACKS,
+    DP_ACCOUNTANTS,
+    PARTITIONS,
+    POOLINGS,
+    QUANTIZE,
+    ROBUST_MODES,
+    TASKS,
+    WIRE_DTYPES,
+)
 from fedlora.config.coerce import coerce
 from fedlora.config.defaults import adjusted_under_dp, follow_situation
 from fedlora.config.setting import (
@@ -216,6 +225,12 @@ class RunConfig:
     )
     dp_delta: float = setting(1e-5, PRIVACY, "DP delta", range=STRICT_SHARE)
     dp_clip: float = setting(1.0, PRIVACY, "per-sample gradient clipping norm", range=POSITIVE)
+    dp_accountant: str = setting(
+        "prv",
+        PRIVACY,
+        "accountant that plans the noise and reports epsilon: {choices}; prv is tight, rdp looser (runs before prv)",
+        choices=DP_ACCOUNTANTS,
+    )
 
     wire_dtype: str = setting("fp32", WIRE, "dtype of adapter tensors on the wire: {choices}", choices=WIRE_DTYPES)
     # Fed-SB's one-off tensors are most of its bytes; bf16 halves them at no measured cost

@@ -115,10 +115,12 @@ def resume_config(out: str) -> RunConfig:
     if not path.is_file():
         raise UserError(f"nothing to resume in {out}: no config.json")
     try:
-        cfg = RunConfig.from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"unreadable {path}: {exc}") from None
-    return cfg
+    if isinstance(values, dict) and "dp_accountant" not in values:
+        values["dp_accountant"] = "rdp"  # saved before PRV: it goes on planning and reporting as it began
+    return RunConfig.from_dict(values)
 
 
 def simulate(cfg: RunConfig, out_dir: Path | None = None, progress=print, resume: bool = False) -> Path:
