@@ -110,14 +110,20 @@ def finished_with(out_dir: Path, settings: dict, strategy: str, options: dict) -
     return same and (out_dir / "summary.json").is_file()
 
 
-def strategy_options(strategy: str, lrs: dict, ranks: dict, wire_dtype: str, init_dtype: str | None) -> dict:
-    """The settings a strategy's run gets beyond the common ones, as config.json spells them."""
+def strategy_options(
+    strategy: str, lrs: dict, ranks: dict, wire_dtype: str, init_dtype: str | None, tuned: bool = False
+) -> dict:
+    """The settings a strategy's run gets beyond the common ones, as config.json spells them.
+    ``tuned``: as the tuned runs were made, before the head had its own rate and Fed-SB's
+    one-off tensors their own dtype."""
     options = {"lr": lrs[strategy]} if strategy in lrs else {}
     options["wire_dtype"] = wire_dtype
+    if tuned:
+        options["head_lr"] = lrs[strategy]
     if strategy in ranks:
         options["rank"] = ranks[strategy]
-    if init_dtype and strategy in ONE_OFF_TENSORS:
-        options["init_dtype"] = init_dtype
+    if strategy in ONE_OFF_TENSORS and (init_dtype or tuned):
+        options["init_dtype"] = init_dtype or wire_dtype
     return options
 
 
@@ -208,7 +214,7 @@ def run_label(strategy: str, options: dict) -> str:
     extras = [options["wire_dtype"]] if options["wire_dtype"] != "fp32" else []
     if "rank" in options:
         extras.append(f"rank {options['rank']}")
-    if "init_dtype" in options:
+    if options.get("init_dtype", options["wire_dtype"]) != options["wire_dtype"]:
         extras.append(f"{options['init_dtype']} init")
     return f"{strategy} ({', '.join(extras)})" if extras else strategy
 
@@ -360,7 +366,7 @@ def main() -> int:
                     seed=seed,
                     results=results,
                 ) -> None:
-                    options = strategy_options(strategy, lrs, ranks, dtype, args.init_dtype)
+                    options = strategy_options(strategy, lrs, ranks, dtype, args.init_dtype, tuned)
                     label = run_label(strategy, options)
                     if args.reuse and finished_with(run_dir, settings, strategy, options):
                         print(f"[{name}, seed {seed}] {label}: finished run kept", flush=True)
