@@ -24,6 +24,7 @@ from fedlora.config.flags import CHOICES
 from fedlora.config.setting import spoken
 from fedlora.errors import UserError
 from fedlora.io.agent_state import DEFAULT_MAX_STEPS, AgentPrivacy
+from fedlora.quiet import be_verbose
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -179,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(sub.add_parser(SIMULATE, help="run a federated simulation on this machine"), SIMULATE)
     for add in (_add_coordinator, _add_client, _add_certs, _add_partition, _add_export_and_eval):
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show what Flower, transformers, torch and other libraries report (load reports, warnings)",
+        )
     return parser
 
 
@@ -326,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported; a user may opt in
     try:
         args = build_parser().parse_args(argv)
+        if args.verbose:
+            be_verbose()
         return _COMMANDS[args.command](args)
     except UserError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
