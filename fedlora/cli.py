@@ -69,6 +69,17 @@ def _add_coordinator(sub: Any) -> None:
     dep.add_argument("--tls-dir", help="folder with ca.crt, server.pem, server.key (see fedlora certs)")
     dep.add_argument("--insecure", action="store_true", help="no TLS (loopback or trusted networks only)")
     dep.add_argument("--auth-keys", help="folder of client public keys (*.pub): only these clients may join")
+    dep.add_argument(
+        "--serve",
+        action="store_true",
+        help="run no job of its own: serve runs submitted with `flwr run . <connection>` until stopped (needs --out)",
+    )
+    dep.add_argument(
+        "--control-port",
+        type=int,
+        default=9093,
+        help="--serve: the loopback port of the SuperLink's control API, where flwr run submits (default 9093)",
+    )
     _add_run_flags(co, COORDINATOR)
 
 
@@ -233,7 +244,7 @@ def _refuse_run_flags(args: argparse.Namespace, command: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedlora.flower.simulation import simulate  # lazy: startup
+    from fedlora.deploy.simulate import simulate  # lazy: startup
 
     cfg, out_dir = _run_settings(args, SIMULATE)
     print(f"done: outputs in {simulate(cfg, out_dir=out_dir, resume=args.resume)}")
@@ -245,10 +256,25 @@ def _coordinator(args: argparse.Namespace) -> int:
     from fedlora.flower.simulation import check_inputs
 
     dep = check_deployment(args.address, args.tls_dir, args.insecure, args.auth_keys)
+    if args.serve:
+        return _serve(args, dep)
     cfg, out_dir = _run_settings(args, COORDINATOR)
     cfg.check_deployable()
     check_inputs(cfg)
     print(f"done: outputs in {coordinate(cfg, dep, out_dir=out_dir, resume=args.resume)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, dep: Any) -> int:
+    from fedlora.deploy.coordinator import serve  # lazy: startup
+
+    if not args.out:
+        raise UserError("--serve needs --out: the folder for Flower's state and the runs' folders")
+    if not 0 < args.control_port < 65536:
+        raise UserError(f"--control-port must be a port number, got {args.control_port}")
+    dep.control_port = args.control_port
+    cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb sizes the SuperLink's message cap
+    serve(dep, Path(args.out), cfg.max_update_mb, resume=args.resume)
     return 0
 
 
