@@ -107,7 +107,7 @@ def test_flwr_run_in_a_checkout_writes_a_run_folder(tmp_path):
     with (tmp_path / "superlink.log").open("wb") as log:
         superlink = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_port("127.0.0.1", port, superlink, 120, "the SuperLink")
+        wait_for_port("127.0.0.1", port, superlink, 300, "the SuperLink")
         small = json.dumps({"local_steps": 1, "batch_size": 8, "max_length": 32, "eval_max_examples": 32})
         run_config = f"rounds=1 clients=2 out-dir='{out}' fedlora-config='{small}'"
         proc = subprocess.run(
@@ -169,7 +169,7 @@ def test_a_serving_coordinator_takes_flwr_run_on_its_loopback_control_port(tmp_p
     with log.open("wb") as fh:
         coordinator = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_port("127.0.0.1", port, coordinator, 120, "the serving coordinator")
+        wait_for_port("127.0.0.1", port, coordinator, 300, "the serving coordinator")  # slow on a busy machine
         env = flower_home(tmp_path, port, f'[superlink.fed]\naddress = "127.0.0.1:{port}"\ninsecure = true')
         flwr = str(Path(sys.executable).parent / "flwr")
         proc = subprocess.run([flwr, "ls", "fed", "--format", "json"], env=env, capture_output=True, text=True)

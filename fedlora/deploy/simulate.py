@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fedlora.config import RunConfig
-from fedlora.deploy.coordinator import FINISHED, _Flower, follow_run, write_app
+from fedlora.deploy.coordinator import _Flower, follow_run, write_app
 from fedlora.deploy.processes import (
     child_env,
     flower_executable,
@@ -32,8 +32,6 @@ from fedlora.quiet import verbose
 LOG_NAME = "run.log"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # Ray's shared-memory store: the tensors that cross are small
 STARTUP_TIMEOUT_S = 120.0
-
-__all__ = ["FINISHED", "simulate"]
 
 
 def federation_config(cfg: RunConfig, cpus: int, progress=print) -> str:
