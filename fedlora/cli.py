@@ -25,6 +25,7 @@ from fedlora.config.flags import CHOICES, show
 from fedlora.config.setting import spoken
 from fedlora.errors import UserError
 from fedlora.io.agent_state import DEFAULT_MAX_STEPS, AgentPrivacy
+from fedlora.quiet import be_verbose
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -69,6 +70,17 @@ def _add_coordinator(sub: Any) -> None:
     dep.add_argument("--tls-dir", help="folder with ca.crt, server.pem, server.key (see fedlora certs)")
     dep.add_argument("--insecure", action="store_true", help="no TLS (loopback or trusted networks only)")
     dep.add_argument("--auth-keys", help="folder of client public keys (*.pub): only these clients may join")
+    dep.add_argument(
+        "--serve",
+        action="store_true",
+        help="run no job of its own: serve runs submitted with `flwr run . <connection>` until stopped (needs --out)",
+    )
+    dep.add_argument(
+        "--control-port",
+        type=int,
+        default=9093,
+        help="--serve: the loopback port of the SuperLink's control API, where flwr run submits (default 9093)",
+    )
     _add_run_flags(co, COORDINATOR)
 
 
@@ -180,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(sub.add_parser(SIMULATE, help="run a federated simulation on this machine"), SIMULATE)
     for add in (_add_coordinator, _add_client, _add_certs, _add_partition, _add_export_and_eval):
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show what Flower, transformers, torch and other libraries report (load reports, warnings)",
+        )
     return parser
 
 
@@ -230,7 +248,7 @@ def _refuse_run_flags(args: argparse.Namespace, command: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedlora.flower.simulation import simulate  # lazy: startup
+    from fedlora.deploy.simulate import simulate  # lazy: startup
 
     cfg, out_dir = _run_settings(args, SIMULATE)
     print(f"done: outputs in {simulate(cfg, out_dir=out_dir, resume=args.resume)}")
@@ -242,10 +260,25 @@ def _coordinator(args: argparse.Namespace) -> int:
     from fedlora.flower.simulation import check_inputs
 
     dep = check_deployment(args.address, args.tls_dir, args.insecure, args.auth_keys)
+    if args.serve:
+        return _serve(args, dep)
     cfg, out_dir = _run_settings(args, COORDINATOR)
     cfg.check_deployable()
     check_inputs(cfg)
     print(f"done: outputs in {coordinate(cfg, dep, out_dir=out_dir, resume=args.resume)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, dep: Any) -> int:
+    from fedlora.deploy.coordinator import serve  # lazy: startup
+
+    if not args.out:
+        raise UserError("--serve needs --out: the folder for Flower's state and the runs' folders")
+    if not 0 < args.control_port < 65536:
+        raise UserError(f"--control-port must be a port number, got {args.control_port}")
+    dep.control_port = args.control_port
+    cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb sizes the SuperLink's message cap
+    serve(dep, Path(args.out), cfg.max_update_mb, resume=args.resume)
     return 0
 
 
@@ -330,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before flwr is imported; a user may opt in
     try:
         args = build_parser().parse_args(argv)
+        if args.verbose:
+            be_verbose()
         return _COMMANDS[args.command](args)
     except UserError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)

@@ -1,56 +1,111 @@
-"""The coordinator's ServerApps: one built per simulation, one deployed under a SuperLink."""
+"""The coordinator's ServerApp, one for every way a run starts: ``fedlora simulate`` (under a
+SuperLink in simulation mode), ``fedlora coordinator`` (under a deployed SuperLink) and
+``flwr run .`` from a checkout (pyproject.toml's ``[tool.flwr.app]``, either federation)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
-from fedlora.server.federation import Federation, Progress
+from fedlora.errors import UserError
+from fedlora.server.federation import Federation
 
 log = logging.getLogger("fedlora")
 
-
-def make_server_app(cfg: RunConfig, out_dir: Path, progress: Progress = print, resume: bool = False) -> ServerApp:
-    """A simulation's ServerApp; its simulated clients keep their accountants under ``out_dir``."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        Federation(grid, cfg, out_dir, progress=progress, resume=resume, client_state_dir=out_dir / "clients").run()
-
-    return app
+# run-config keys that are not settings: the whole settings as JSON (what ``fedlora simulate``
+# and ``fedlora coordinator`` submit), the run folder, whether to resume and the progress
+# log's name in the run folder
+RUN_KEYS = ("fedlora-config", "out-dir", "resume", "log-name")
 
 
-app = ServerApp()  # the coordinator's ServerApp under a SuperLink (``fedlora coordinator``)
+def simulated(grid: Grid) -> bool:
+    """Whether the clients are virtual: Flower's simulation runtime hands the ServerApp its
+    in-memory grid (``flwr.superlink.grid.inmemory_grid.InMemoryGrid``), a SuperLink a gRPC one."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
+def run_settings(run_config: Mapping[str, Any]) -> RunConfig:
+    """The run's settings: the ``fedlora-config`` JSON, then any setting given as its own
+    key (``flwr run . --run-config "rounds=2"``); an empty string leaves a setting unset."""
+    cfg = RunConfig.from_dict(json.loads(str(run_config.get("fedlora-config") or "{}")))
+    cfg.update({k: v for k, v in run_config.items() if k not in RUN_KEYS and v != ""})
+    cfg.validate()
+    return cfg
+
+
+def run_folder(run_config: Mapping[str, Any], cfg: RunConfig) -> Path:
+    """``out-dir``, else ``runs/<timestamp>-<strategy>`` under the ServerApp's working folder."""
+    out = str(run_config.get("out-dir") or cfg.out or "")
+    return Path(out) if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy}"
+
+
+def check_simulated_nodes(grid: Grid, clients: int, timeout_s: float = 60.0) -> None:
+    """A simulation's SuperNodes are the partitions: as many as ``clients``, or the run would
+    wait for clients that never come (or train on partitions that do not exist)."""
+    deadline = time.monotonic() + timeout_s
+    while not list(grid.get_node_ids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # the simulation runtime registers its nodes in one go
+    nodes = len(list(grid.get_node_ids()))
+    if nodes != clients:
+        raise UserError(
+            f"the federation simulates {nodes} SuperNodes, the run asks for clients = {clients}: "
+            f'pass --federation-config "num-supernodes={clients}" to flwr run (or --run-config "clients={nodes}")'
+        )
+
+
+app = ServerApp()
 
 
 @app.main()
-def deployed_main(grid: Grid, context: Context) -> None:
-    """The run config carries the fedlora settings as JSON, the output folder and whether to
-    resume; progress goes to ``coordinator.log`` there, which ``fedlora coordinator`` echoes."""
-    cfg = RunConfig.from_dict(json.loads(str(context.run_config["fedlora-config"])))
-    out_dir = Path(str(context.run_config["out-dir"]))
+def main(grid: Grid, context: Context) -> None:
+    """Progress lines go to stdout (``flwr run --stream`` shows them) and, with ``log-name``,
+    to that file in the run folder, which ``fedlora simulate`` and ``fedlora coordinator`` echo."""
+    run_config = context.run_config
+    cfg = run_settings(run_config)
+    out_dir = run_folder(run_config, cfg).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "coordinator.log"
+    log_name = str(run_config.get("log-name") or "")
+    log_path = out_dir / log_name if log_name else None
 
     def progress(line: str) -> None:
-        with log_path.open("a") as fh:
-            fh.write(line + "\n")
+        print(line, flush=True)
+        if log_path is not None:
+            with log_path.open("a") as fh:
+                fh.write(line + "\n")
 
-    logging.basicConfig(level=logging.INFO)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log.addHandler(handler)
+    if log_path is not None:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
-    resume = bool(context.run_config.get("resume", False))
-    # the SuperLink keeps client registrations across a restart, each online until its last
-    # heartbeat's deadline: HEARTBEAT_PATIENCE intervals (the agents use Flower's default)
-    stale_s = float(HEARTBEAT_DEFAULT_INTERVAL * HEARTBEAT_PATIENCE) if resume else 0.0
-    summary = Federation(grid, cfg, out_dir, progress=progress, resume=resume, stale_nodes_s=stale_s).run()
+    resume = bool(run_config.get("resume", False))
+    virtual = simulated(grid)
+    if virtual:
+        check_simulated_nodes(grid, cfg.clients)
+    if log_path is None:
+        progress(f"fedlora: {cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds -> {out_dir}")
+    # a deployed SuperLink keeps client registrations across a restart, each online until its
+    # last heartbeat's deadline: HEARTBEAT_PATIENCE intervals (the agents use Flower's default)
+    stale_s = float(HEARTBEAT_DEFAULT_INTERVAL * HEARTBEAT_PATIENCE) if resume and not virtual else 0.0
+    federation = Federation(
+        grid,
+        cfg,
+        out_dir,
+        progress=progress,
+        resume=resume,
+        stale_nodes_s=stale_s,
+        client_state_dir=out_dir / "clients" if virtual else None,
+    )
+    summary = federation.run()
     progress(f"run finished: final accuracy {summary['final_accuracy']}")

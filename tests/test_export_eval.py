@@ -67,7 +67,13 @@ def test_peft_export_gives_fedloras_logits(run_dir, tmp_path):
 def test_merged_export_loads_with_transformers_alone(run_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == f"wrote {tmp_path / 'merged'}\n"  # no library noise
     run = load_run(run_dir)
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
     assert merged.config.id2label[0] == run.labels[0]
@@ -84,6 +90,15 @@ def test_eval_prints_accuracy_and_rejects_bad_files(run_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("accuracy ") and "examples 3" in proc.stdout
+    # the base checkpoint has no classifier: transformers reports it MISSING, only with --verbose
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1, proc.stdout + proc.stderr
+    verbose = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(data), "--verbose"],
+        capture_output=True,
+        text=True,
+    )
+    assert verbose.returncode == 0 and "LOAD REPORT" in verbose.stdout + verbose.stderr
+    assert verbose.stdout.splitlines()[-1] == proc.stdout.strip()
     for bad in (tmp_path / "missing.jsonl", tmp_path / "bad.jsonl"):
         if bad.name == "bad.jsonl":
             bad.write_text("{not json\n")

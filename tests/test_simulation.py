@@ -1,12 +1,14 @@
-"""A real 2-client, 1-round simulation on Flower's simulation engine, outputs checked."""
+"""A real 2-client, 1-round simulation on Flower's simulation runtime, outputs checked."""
 # The round evaluates a 16-example slice; the final accuracy is on all 40 held-out examples.
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fedlora.cli import build_parser, main, run_config_from_args
+from fedlora.cli import build_parser, run_config_from_args
 
 METRIC_KEYS = {
     "round",
@@ -51,9 +53,28 @@ def run_dir(tmp_path_factory):
     cfg.write_text(
         "[fedlora]\nlocal_steps = 2\nbatch_size = 8\neval_max_examples = 40\nround_eval_examples = 16\nmax_length = 32\n"
     )
-    code = main(run_args(out, cfg))
-    assert code == 0
+    # the command line a user runs, in a process of its own: what it prints is checked too
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *run_args(out, cfg)], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (out / "terminal.txt").write_text(proc.stdout + proc.stderr)
     return out
+
+
+# what must never reach a user's terminal in a run that goes well
+NOISE = ("DEPRECATED", "Traceback", "LOAD REPORT", "Warning", "WARNING")
+
+
+def test_the_terminal_shows_fedloras_lines_only(run_dir):
+    """No Flower deprecation block, no transformers load report, no library warnings: one
+    header line, one line per round, the final evaluation and where the outputs are."""
+    text = (run_dir / "terminal.txt").read_text()
+    assert not [word for word in NOISE if word in text], text
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("fedlora simulate: fedavg, 2 clients, 1 rounds")
+    assert any(line.startswith("round 1/1 ") for line in lines)
+    assert lines[-1] == f"done: outputs in {run_dir}"
 
 
 def run_args(out, cfg) -> list[str]:
@@ -76,6 +97,8 @@ def test_output_files(run_dir):
         "metrics.jsonl",
         "summary.json",
         "report.png",
+        "run.log",  # the progress lines the terminal showed
+        ".flower/superlink.log",  # Flower's own log
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
     ):

@@ -1,5 +1,5 @@
 """An agent runs only fedlora's own ClientApp: the bundle a coordinator sends may name it
-and nothing else, carry no code and ask for no dependencies."""
+and nothing else, carry no code and ask for nothing this machine has not installed."""
 
 import io
 import os
@@ -45,6 +45,41 @@ def test_any_other_bundle_is_refused(files, reason):
         check_bundle(bundle(files))
     with pytest.raises(UntrustedBundle, match="not a readable"):
         check_bundle(b"PK\x03\x04 garbage")
+
+
+def with_dependencies(*requirements: str) -> bytes:
+    listed = ", ".join(f'"{r}"' for r in requirements)
+    return bundle({"pyproject.toml": APP_PYPROJECT.replace("dependencies = []", f"dependencies = [{listed}]")})
+
+
+def test_dependencies_this_machine_already_meets_are_accepted():
+    """A checkout's pyproject lists fedlora's own dependencies; the agent's environment meets
+    them, and nothing gets installed either way."""
+    from importlib import metadata
+
+    flwr = metadata.version("flwr")
+    check_bundle(with_dependencies(f"flwr=={flwr}", "torch>=2", "safetensors", "nonexistent-pkg; python_version < '3'"))
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    ["flwr<1", "torch>=99", "not a requirement !!", "peft @ https://example.org/peft.whl", "never-installed-pkg"],
+)
+def test_a_dependency_this_machine_lacks_is_refused(requirement):
+    with pytest.raises(UntrustedBundle, match="dependencies this machine lacks"):
+        check_bundle(with_dependencies("safetensors", requirement))
+
+
+def test_the_launcher_never_installs_dependencies(monkeypatch):
+    """Whatever the SuperNode asks, Flower's runtime dependency installation stays off."""
+    from fedlora.deploy import trusted_app
+
+    seen = {}
+    monkeypatch.setattr(
+        sys, "argv", ["flwr-clientapp", "--insecure", "--token", "t", "--allow-runtime-dependency-installation"]
+    )
+    trusted_app._flwr_clientapp(lambda **kwargs: seen.update(kwargs))
+    assert seen["runtime_dependency_install"] is False and seen["token"] == "t"
 
 
 def test_the_launcher_wraps_flowers_clientapp_entry_point(tmp_path):

@@ -28,8 +28,10 @@ from fedlora.deploy.processes import (
     terminate_on_sigterm,
     wait_for_port,
 )
+from fedlora.deploy.trusted_app import TRUSTED_CLIENTAPP
 from fedlora.errors import UserError
 from fedlora.io.report import write_json_atomic
+from fedlora.quiet import verbose
 
 APP_PYPROJECT = """\
 [project]
@@ -50,13 +52,16 @@ clientapp = "fedlora.client.app:app"
 fedlora-config = "{}"
 out-dir = ""
 resume = false
+log-name = ""
 """
+ATTACK_CLIENTAPP = "fedlora.flower.attacks:app"  # simulation only
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
 REGISTERED_KEYS = "registered-keys.json"  # under .flower: the node id of each key this run registered
 SECURITY_RECORD = "deployment.json"  # the run's TLS and node-authentication mode
 POLL_S = 2.0
 STATUS_EVERY_S = 15.0
 FINISHED = "run finished"  # the ServerApp's last progress line
+LOG_NAME = "coordinator.log"  # the run's progress, in the run folder
 
 
 def superlink_message_cap(max_update_mb: int) -> int:
@@ -72,6 +77,7 @@ class Deployment:
     tls_dir: Path | None  # None: --insecure
     auth_keys: list[Path]
     startup_timeout_s: float = 60.0
+    control_port: int | None = None  # the control API's loopback port (--serve); None: a free one
 
 
 def check_deployment(address: str, tls_dir: str | None, insecure: bool, auth_keys: str | None) -> Deployment:
@@ -172,16 +178,59 @@ def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
     write_json_atomic(path, now)
 
 
-def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
-    """The Flower app folder (just its pyproject) and the run config file for ``flwr run``."""
+def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_name: str) -> Path:
+    """The Flower app folder (just its pyproject) and the run config file for ``flwr run``.
+    A simulation under attack runs the attacking ClientApp (``fedlora coordinator`` refuses
+    attack settings)."""
+    pyproject = APP_PYPROJECT
+    if cfg.attack_clients:
+        pyproject = pyproject.replace(f'"{TRUSTED_CLIENTAPP}"', f'"{ATTACK_CLIENTAPP}"')
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    (folder / "pyproject.toml").write_text(pyproject)
     run_config = folder.parent / "run-config.toml"
     run_config.write_text(
         f"fedlora-config = {json.dumps(json.dumps(cfg.to_dict()))}\n"
         f"out-dir = {json.dumps(str(out_dir))}\nresume = {str(resume).lower()}\n"
+        f"log-name = {json.dumps(log_name)}\n"
     )
     return run_config
+
+
+def follow_run(
+    cli: _Flower, run_id: str, superlink: subprocess.Popen, superlink_log: Path, log_path: Path, offset: int, progress
+) -> None:
+    """Echo the run's progress log until the run finishes; raise UserError unless it completed.
+    With ``--verbose``, Flower's own log (and what the apps print) goes to stderr as well."""
+    last_ask = last_news = time.monotonic()
+    flower_offset = superlink_log.stat().st_size if superlink_log.is_file() else 0
+    while True:
+        time.sleep(POLL_S)
+        before = offset
+        offset = _echo_new_lines(log_path, offset, progress)
+        if verbose():
+            flower_offset = _echo_new_lines(superlink_log, flower_offset, _to_stderr)
+        if superlink.poll() is not None:
+            raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
+        now = time.monotonic()
+        last_news = now if offset > before else last_news
+        # each flwr call costs a second of CPU: ask at once when the run says it is done, else
+        # only after a quiet spell (a run that failed writes no more progress)
+        finished_line = offset > before and FINISHED in last_line(log_path, (FINISHED,))
+        if not finished_line and (now - last_ask < STATUS_EVERY_S or now - last_news < STATUS_EVERY_S):
+            continue
+        last_ask = now
+        runs = cli.call("ls", "--run-id", str(run_id)).get("runs", [])
+        status = runs[0].get("status", "") if runs else ""
+        if status.startswith("finished"):
+            _echo_new_lines(log_path, offset, progress)
+            if status != "finished:completed":
+                detail = runs[0].get("status-details") or last_line(log_path)
+                raise UserError(f"the run {status}: {detail} (Flower's log: {superlink_log})")
+            return
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _echo_new_lines(path: Path, offset: int, progress) -> int:
@@ -195,9 +244,15 @@ def _echo_new_lines(path: Path, offset: int, progress) -> int:
 
 
 def _start_superlink(
-    dep: Deployment, flower: Path, fleet_address: str, log_path: Path, max_message_bytes: int
+    dep: Deployment,
+    flower: Path,
+    fleet_address: str,
+    log_path: Path,
+    max_message_bytes: int,
+    control_port: int | None = None,
+    cwd: Path | None = None,
 ) -> tuple[subprocess.Popen, _Flower]:
-    control_port = free_loopback_port()
+    control_port = control_port or free_loopback_port()
     flower_executable("flower-superlink")  # a clear error where flwr is missing
     cmd = [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", str(max_message_bytes)]
     if dep.tls_dir is None:
@@ -212,7 +267,7 @@ def _start_superlink(
     cmd += ["--database", str(flower / "state.db")]
     if dep.auth_keys:
         cmd.append("--enable-supernode-auth")
-    superlink = start(cmd, child_env(flower / "superlink"), log_path)
+    superlink = start(cmd, child_env(flower / "superlink"), log_path, cwd=cwd)
     try:
         wait_for_port("127.0.0.1", control_port, superlink, dep.startup_timeout_s, "the SuperLink")
     except UserError as exc:
@@ -221,21 +276,18 @@ def _start_superlink(
     return superlink, _Flower(flower / "cli", control_port, dep.tls_dir)
 
 
-def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = False, progress=print) -> Path:
-    """Start the SuperLink, submit the run, echo its progress, stop everything; the
-    outputs land in ``out_dir``. Raises UserError when the run fails."""
-    out = Path(out_dir).resolve()
+def _prepare(out: Path, dep: Deployment, resume: bool, cap: int) -> Path:
+    """The run folder's Flower state, the security record and the registered keys; returns
+    the SuperLink's log."""
     flower = out / ".flower"
     (flower / "superlink").mkdir(parents=True, exist_ok=True)
-    log_path = out / "coordinator.log"
     if not resume:  # a fresh run: no log, registrations or runs of an earlier one in this folder
-        log_path.unlink(missing_ok=True)
+        (out / LOG_NAME).unlink(missing_ok=True)
         for name in ("state.db", "state.db-wal", "state.db-shm", REGISTERED_KEYS):
             (flower / name).unlink(missing_ok=True)
     check_security_mode(out, dep, resume)
     terminate_on_sigterm()
     superlink_log = flower / "superlink.log"
-    cap = superlink_message_cap(cfg.max_update_mb)
     if dep.auth_keys:
         # register the keys while the client API listens on a private loopback port only:
         # an agent that connects before its key is registered would be refused for good
@@ -244,34 +296,55 @@ def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = Fa
             sync_registered_keys(cli, dep.auth_keys, flower / REGISTERED_KEYS)
         finally:
             stop(superlink)
+    return superlink_log
+
+
+def _banner(dep: Deployment) -> str:
+    keys = f", {len(dep.auth_keys)} registered client keys" if dep.auth_keys else ""
+    return f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}{keys})"
+
+
+def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = False, progress=print) -> Path:
+    """Start the SuperLink, submit the run, echo its progress, stop everything; the
+    outputs land in ``out_dir``. Raises UserError when the run fails."""
+    out = Path(out_dir).resolve()
+    flower, log_path = out / ".flower", out / LOG_NAME
+    cap = superlink_message_cap(cfg.max_update_mb)
+    superlink_log = _prepare(out, dep, resume, cap)
     superlink, cli = _start_superlink(dep, flower, dep.address, superlink_log, cap)
     try:
-        progress(
-            f"fedlora coordinator: SuperLink on {dep.address} ({'TLS' if dep.tls_dir else 'insecure'}"
-            f"{f', {len(dep.auth_keys)} registered client keys' if dep.auth_keys else ''}); "
-            f"waiting for {cfg.clients} clients"
-        )
-        run_config = write_app(flower / "app", cfg, out, resume)
+        progress(f"{_banner(dep)}; waiting for {cfg.clients} clients")
+        run_config = write_app(flower / "app", cfg, out, resume, LOG_NAME)
         run_id = cli.call("run", str(flower / "app"), "local", "--run-config", str(run_config))["run-id"]
         offset = log_path.stat().st_size if resume and log_path.is_file() else 0  # echo only what is new
-        last_ask = time.monotonic()
-        while True:
+        follow_run(cli, run_id, superlink, superlink_log, log_path, offset, progress)
+        return out
+    finally:
+        stop(superlink)
+
+
+def serve(dep: Deployment, out_dir: Path, max_update_mb: int, resume: bool = False, progress=print) -> None:
+    """``--serve``: the SuperLink alone, for runs submitted with ``flwr run . <connection>``
+    to its control API (loopback only, ``dep.control_port``); each run's ServerApp works in
+    ``out_dir``, so a run without ``out-dir`` writes ``out_dir/runs/<timestamp>-<strategy>``.
+    Returns when interrupted (Ctrl-C, SIGTERM); raises UserError if the SuperLink dies."""
+    out = Path(out_dir).resolve()
+    cap = superlink_message_cap(max_update_mb)
+    superlink_log = _prepare(out, dep, resume, cap)
+    superlink, _ = _start_superlink(
+        dep, out / ".flower", dep.address, superlink_log, cap, control_port=dep.control_port, cwd=out
+    )
+    cert = f", root-certificates = {json.dumps(str(dep.tls_dir / 'ca.crt'))}" if dep.tls_dir else ", insecure = true"
+    try:
+        progress(f"{_banner(dep)}; serving runs until stopped (Ctrl-C)")
+        progress(
+            f'submit one with: flwr run . <connection>, the connection\'s address = "127.0.0.1:{dep.control_port}"{cert}'
+        )
+        progress(f"runs write their folders under {out / 'runs'} (or their out-dir); Flower's log: {superlink_log}")
+        while superlink.poll() is None:
             time.sleep(POLL_S)
-            before = offset
-            offset = _echo_new_lines(log_path, offset, progress)
-            if superlink.poll() is not None:
-                raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
-            # each flwr call costs a second of CPU: ask often only once the run says it is done
-            finished_line = offset > before and FINISHED in last_line(log_path, (FINISHED,))
-            if not finished_line and time.monotonic() - last_ask < STATUS_EVERY_S:
-                continue
-            last_ask = time.monotonic()
-            runs = cli.call("ls", "--run-id", str(run_id)).get("runs", [])
-            status = runs[0].get("status", "") if runs else ""
-            if status.startswith("finished"):
-                _echo_new_lines(log_path, offset, progress)
-                if status != "finished:completed":
-                    raise UserError(f"the run {status}: {runs[0].get('status-details') or last_line(log_path)}")
-                return out
+        raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
+    except KeyboardInterrupt:
+        progress("fedlora coordinator: stopped")
     finally:
         stop(superlink)

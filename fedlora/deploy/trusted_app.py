@@ -1,11 +1,14 @@
 """Only fedlora's own ClientApp runs next to an agent's data.
 
 A Flower SuperNode runs whatever ClientApp the coordinator's app bundle (FAB) names,
-installing the bundle's files beside it. A ``fedlora client`` agent instead puts this
-module first on its SuperNode's PATH as ``flwr-clientapp``: it accepts a bundle only if
-it carries nothing but a ``pyproject.toml`` whose ClientApp is the installed
-``fedlora.client.app:app`` and that asks for no dependencies, so the code that runs is
-the fedlora this machine installed. Any other bundle is refused before it is unpacked.
+installing the bundle's files and dependencies beside it. A ``fedlora client`` agent instead
+puts this module first on its SuperNode's PATH as ``flwr-clientapp``: it accepts a bundle
+only if it carries nothing but a ``pyproject.toml`` whose ClientApp is the installed
+``fedlora.client.app:app`` and whose dependencies, if it lists any, this machine already
+satisfies (what ``fedlora coordinator`` submits, and what ``flwr run .`` builds from a
+checkout: its ``fab-include`` keeps the code out). Nothing is ever installed: the launcher
+turns Flower's runtime dependency installation off, so the code that runs is the fedlora
+and the libraries this machine installed. Any other bundle is refused before it is unpacked.
 
 An agent that runs a resident trainer (``fedlora.deploy.trainer``) writes its launcher
 with ``relay=True``: once the bundle has passed the check, the ClientApp that runs is
@@ -21,7 +24,10 @@ import io
 import sys
 import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
 
 TRUSTED_CLIENTAPP = "fedlora.client.app:app"
 FLOWER_METADATA = ".info/"  # the bundle's file hashes, written by Flower's own builder
@@ -46,8 +52,31 @@ def check_bundle(fab: bytes) -> None:
     components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
     if components.get("clientapp") != TRUSTED_CLIENTAPP:
         raise UntrustedBundle(f"its ClientApp is {str(components.get('clientapp'))[:80]!r}, not {TRUSTED_CLIENTAPP!r}")
-    if project.get("project", {}).get("dependencies"):
-        raise UntrustedBundle("it asks for dependencies to be installed")
+    missing = unmet_dependencies(project.get("project", {}).get("dependencies") or [])
+    if missing:
+        raise UntrustedBundle(
+            f"it asks for dependencies this machine lacks ({', '.join(missing[:3])}); an agent installs nothing"
+        )
+
+
+def unmet_dependencies(requirements: object) -> list[str]:
+    """The requirements of a bundle's ``[project].dependencies`` that the installed
+    distributions do not meet (a malformed one counts as unmet)."""
+    if not isinstance(requirements, list):
+        return [str(requirements)[:80]]
+    unmet = []
+    for text in requirements:
+        try:
+            req = Requirement(str(text))
+            if req.marker is not None and not req.marker.evaluate():
+                continue  # not for this platform
+            installed = metadata.version(req.name)
+        except (InvalidRequirement, metadata.PackageNotFoundError):
+            unmet.append(str(text)[:80])
+            continue
+        if req.url or not req.specifier.contains(installed, prereleases=True):
+            unmet.append(str(text)[:80])
+    return unmet
 
 
 def write_launcher(folder: Path, relay: bool = False) -> Path:
@@ -85,8 +114,9 @@ def main(relay: bool = False) -> None:
 
 
 def _flwr_clientapp(run_clientapp) -> None:
-    """Flower 1.39's ``flwr_clientapp`` command, line for line, minus its package: importing
-    ``flwr.supernode.cli`` also imports the whole SuperNode, 0.4 s of every message."""
+    """Flower 1.39's ``flwr_clientapp`` command, line for line, minus its package (importing
+    ``flwr.supernode.cli`` also imports the whole SuperNode, 0.4 s of every message) and
+    with runtime dependency installation always off."""
     from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token  # lazy: as in main
     from flwr.supercore.constant import SUPERNODE_DEFAULT_CLIENT_ADDRESS  # lazy: as in main
     from flwr.supercore.tls import validate_and_resolve_root_certificates  # lazy: as in main
@@ -107,7 +137,7 @@ def _flwr_clientapp(run_clientapp) -> None:
         insecure=args.insecure,
         certificates=validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
         parent_pid=args.parent_pid,
-        runtime_dependency_install=args.runtime_dependency_install,
+        runtime_dependency_install=False,  # whatever the SuperNode says: an agent installs nothing
     )
 
 

@@ -97,3 +97,6 @@ def attacking_client_app() -> ClientApp:
     app = ClientApp(mods=[attack_mod])
     app.train()(train)
     return app
+
+
+app = attacking_client_app()  # ``fedlora.flower.attacks:app``: the ClientApp of a simulation under attack

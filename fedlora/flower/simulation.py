@@ -1,4 +1,5 @@
-"""``fedlora simulate``: the coordinator and N virtual clients on Flower's simulation engine (Ray)."""
+"""``fedlora simulate``'s checks and Ray resources: the coordinator and N virtual clients on
+Flower's simulation runtime (Ray). ``fedlora.deploy.simulate`` starts the run."""
 
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from pathlib import Path
 
 import torch
 
-from fedlora.client.app import app as honest_client_app
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.flower.attacks import attacking_client_app
 from fedlora.ml.models import model_skeleton, resolve_model_path
 from fedlora.ml.quantize import require_quantization
 from fedlora.ml.task import check_target_modules, load_splits
-from fedlora.server.app import make_server_app
+from fedlora.quiet import verbose
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -87,12 +86,15 @@ def base_parameters(cfg: RunConfig) -> int:
 
 
 def quiet_flower() -> None:
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    """Flower's and Ray's loggers at WARNING and Python warnings off, unless ``--verbose``."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose():
+        return
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
 
 
 def simulated_client_resources(cfg: RunConfig, cpus: int, progress=print) -> dict[str, float]:
@@ -121,37 +123,3 @@ def resume_config(out: str) -> RunConfig:
     if isinstance(values, dict) and "dp_accountant" not in values:
         values["dp_accountant"] = "rdp"  # saved before PRV: it goes on planning and reporting as it began
     return RunConfig.from_dict(values)
-
-
-def simulate(cfg: RunConfig, out_dir: Path | None = None, progress=print, resume: bool = False) -> Path:
-    from flwr.simulation import run_simulation  # lazy: Ray starts with the simulation module
-
-    check_inputs(cfg)
-    out_dir = out_dir or (Path(cfg.out) if cfg.out else default_out_dir(cfg))
-    cpus = os.cpu_count() or 1
-    progress(f"fedlora simulate: {cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds -> {out_dir}")
-    quiet_flower()
-    resources = simulated_client_resources(cfg, cpus, progress)
-    init_args = {
-        "num_cpus": cpus,
-        "logging_level": logging.ERROR,
-        "log_to_driver": False,
-        "object_store_memory": 200 * 1024 * 1024,
-    }
-    if resources["num_gpus"]:
-        init_args["num_gpus"] = torch.cuda.device_count()  # the GPUs torch sees, whatever Ray would detect
-    backend_config = {"client_resources": resources, "init_args": init_args}
-    if cfg.attack_clients:
-        progress(
-            f"simulated attack: client(s) {list(cfg.attack_clients)} send {cfg.attack_kind!r} updates (scale {cfg.attack_scale:g})"
-        )
-        client_app = attacking_client_app()
-    else:
-        client_app = honest_client_app
-    run_simulation(
-        server_app=make_server_app(cfg, out_dir, progress, resume),
-        client_app=client_app,
-        num_supernodes=cfg.clients,
-        backend_config=backend_config,
-    )
-    return out_dir

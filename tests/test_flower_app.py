@@ -1,0 +1,181 @@
+"""fedlora as a Flower App: pyproject.toml's [tool.flwr.app] is what `flwr run .` reads."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.config_utils import load_and_validate
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.supercore.object_ref import load_app
+
+from fedlora.config import RunConfig
+from fedlora.config.run_config import BY_NAME, CAUSAL_LM_DEFAULTS
+from fedlora.deploy.processes import free_loopback_port, wait_for_port
+from fedlora.deploy.trusted_app import TRUSTED_CLIENTAPP, check_bundle
+from fedlora.errors import UserError
+from fedlora.server.app import RUN_KEYS, run_folder, run_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def app_table() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+
+
+def test_flower_loads_the_app_from_pyproject():
+    """Flower's own validation (components importable, config well formed), then its loader."""
+    config, warnings = load_and_validate(ROOT / "pyproject.toml")
+    assert warnings == []
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert isinstance(load_app(components["serverapp"], ValueError, ROOT), ServerApp)
+    assert isinstance(load_app(components["clientapp"], ValueError, ROOT), ClientApp)
+    assert components["clientapp"] == TRUSTED_CLIENTAPP
+    # federations are Flower's own config since 1.39: `flwr run` would move them out of this
+    # file and rewrite it
+    assert "federations" not in config["tool"]["flwr"]
+
+
+def test_the_run_config_keys_are_settings_with_their_defaults():
+    """Every key is a setting (or one of the ServerApp's own keys); a value that is given is
+    the schema's default, and none of them has a different causal-LM default."""
+    config = app_table()["config"]
+    defaults = RunConfig()
+    for key, value in config.items():
+        if key in RUN_KEYS:
+            continue
+        name = key.replace("-", "_")
+        assert name in BY_NAME, key
+        if value != "":
+            assert getattr(defaults, name) == value, key
+            assert name not in CAUSAL_LM_DEFAULTS, key
+    assert run_settings(config).to_dict() == defaults.to_dict()
+    assert set(RUN_KEYS) <= set(config)
+
+
+def test_run_config_overrides_reach_the_settings():
+    config = {**app_table()["config"], "rounds": 2, "strategy": "fedsb", "dp-epsilon": 8, "lr": 0.01}
+    cfg = run_settings(config)
+    assert (cfg.rounds, cfg.strategy, cfg.dp_epsilon, cfg.lr) == (2, "fedsb", 8.0, 0.01)
+    # fedlora simulate and coordinator send every setting as JSON; a key of its own overrides it
+    cfg = run_settings({"fedlora-config": '{"rounds": 3, "clients": 2}', "rounds": 4})
+    assert (cfg.rounds, cfg.clients) == (4, 2)
+    with pytest.raises(UserError, match="unknown config key"):
+        run_settings({"round": 2})
+    with pytest.raises(UserError):
+        run_settings({"rounds": 0})
+
+
+def test_the_run_folder():
+    cfg = RunConfig(strategy="ffa")
+    assert run_folder({"out-dir": "/tmp/x"}, cfg) == Path("/tmp/x")
+    default = run_folder({"out-dir": ""}, cfg)
+    assert default.parent == Path("runs") and default.name.endswith("-ffa")
+
+
+def test_the_checkouts_bundle_carries_no_code_and_an_agent_accepts_it():
+    """`flwr run .` builds a bundle of pyproject.toml alone (fab-include): every machine runs
+    the fedlora it installed, and an agent, whose environment satisfies fedlora's
+    dependencies, accepts it."""
+    fab = build_fab_from_disk(ROOT)
+    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+        assert [n for n in archive.namelist() if not n.startswith(".info/")] == ["pyproject.toml"]
+    check_bundle(fab)
+
+
+@pytest.mark.slow
+def test_flwr_run_in_a_checkout_writes_a_run_folder(tmp_path):
+    """`flwr run .` against a SuperLink in simulation mode (what Flower's `local` connection
+    starts), one short round with two SuperNodes: the same run folder as `fedlora simulate`."""
+    home, out, port = tmp_path / "flwr-home", tmp_path / "run", free_loopback_port()
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)]
+    cmd.append("--disable-runtime-dependency-installation")  # use this environment, install nothing
+    with (tmp_path / "superlink.log").open("wb") as log:
+        superlink = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, superlink, 300, "the SuperLink")
+        small = json.dumps({"local_steps": 1, "batch_size": 8, "max_length": 32, "eval_max_examples": 32})
+        run_config = f"rounds=1 clients=2 out-dir='{out}' fedlora-config='{small}'"
+        proc = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(ROOT), "sim", "--stream", "--run-config", run_config]
+            + ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "run finished: final accuracy" in proc.stdout  # the ServerApp's progress, streamed
+    finally:
+        os.killpg(superlink.pid, signal.SIGTERM)
+        try:
+            superlink.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(superlink.pid, signal.SIGKILL)
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "summary.json",
+        "adapter/adapter_config.json",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["num_clients"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def flower_home(tmp_path: Path, port: int, connection: str) -> dict[str, str]:
+    """A Flower config with one SuperLink connection, and the environment that uses it."""
+    home = tmp_path / "flwr-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{connection.split()[0]}"\n\n{connection}\n')
+    bin_dir = Path(sys.executable).parent
+    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_serving_coordinator_takes_flwr_run_on_its_loopback_control_port(tmp_path):
+    """`fedlora coordinator --serve` runs no job: Flower's CLI reaches its control API at the
+    port it printed, and SIGTERM stops it and everything it started."""
+    port = free_loopback_port()
+    log = tmp_path / "coordinator.txt"
+    address = f"127.0.0.1:{free_loopback_port()}"
+    cmd = [sys.executable, "-m", "fedlora.cli", "coordinator", "--serve", "--insecure", "--address", address]
+    cmd += ["--control-port", str(port), "--out", str(tmp_path / "fed")]
+    with log.open("wb") as fh:
+        coordinator = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, coordinator, 300, "the serving coordinator")  # slow on a busy machine
+        env = flower_home(tmp_path, port, f'[superlink.fed]\naddress = "127.0.0.1:{port}"\ninsecure = true')
+        flwr = str(Path(sys.executable).parent / "flwr")
+        proc = subprocess.run([flwr, "ls", "fed", "--format", "json"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and json.loads(proc.stdout[proc.stdout.index("{") :])["success"], proc.stdout
+    finally:
+        stop_group(coordinator)
+    text = log.read_text()
+    assert f'address = "127.0.0.1:{port}"' in text and str(tmp_path / "fed" / "runs") in text, text
+    assert "Traceback" not in text and coordinator.returncode == 0, text
