@@ -24,6 +24,7 @@ from fedlora.io.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.io.export import export_peft_adapter, unexportable_reason
 from fedlora.io.record import RoundRecord, format_scores, round_totals, worst_epsilon
 from fedlora.io.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
+from fedlora.io.tracking import SafeTracker, flat_params, open_tracker, round_metrics, summary_metrics
 from fedlora.ml.evaluation import evaluate_global_model, evaluation_device, seeded_slice
 from fedlora.ml.models import model_display_name
 from fedlora.ml.task import Splits, adapted_model, initial_adapter_state, load_splits, tokenizer_for
@@ -113,6 +114,7 @@ class Federation:
         self.init_bytes = {"bytes_up": 0, "bytes_down": 0}
         self.seconds_before = 0.0  # run time spent before a resume
         self.resumed_after: int | None = None
+        self.tracker = SafeTracker(None, progress)  # opened by setup(), with --track
 
     @property
     def done(self) -> int:
@@ -121,9 +123,15 @@ class Federation:
 
     def run(self) -> dict[str, Any]:
         self.setup()
-        for rnd in range(self.done + 1, self.cfg.rounds + 1):
-            self.run_round(rnd)
-        return self.finish()
+        ok = False
+        try:
+            for rnd in range(self.done + 1, self.cfg.rounds + 1):
+                self.run_round(rnd)
+            summary = self.finish()
+            ok = True
+            return summary
+        finally:
+            self.tracker.call("close", ok)
 
     # ----- setup ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -153,6 +161,14 @@ class Federation:
         if self.bridge.initializer is not None and not checkpoint:
             self.init_bytes = federated_init(self.grid, self.bridge, self.progress)
             self._checkpoint(0)
+        self._open_tracker()
+
+    def _open_tracker(self) -> None:
+        """--track: the run's settings now, every round as it ends, the outputs at the end."""
+        cfg = self.cfg
+        tracker = open_tracker(cfg.track, cfg.track_uri, self.out_dir, self.done + 1, self.resume)
+        self.tracker = SafeTracker(tracker, self.progress)
+        self.tracker.call("log_params", flat_params(cfg.to_dict()))
 
     def _restore(self) -> tuple[dict, dict] | None:
         """The checkpoint to resume from, with the rounds it holds; a fresh run clears the folder's."""
@@ -180,7 +196,7 @@ class Federation:
         return FlowerStrategy(
             self.strategy,
             global_state,
-            json.dumps(cfg.to_dict()),
+            json.dumps(cfg.for_clients()),
             run_facts=facts,
             fraction=cfg.fraction,
             seed=cfg.seed,
@@ -244,6 +260,7 @@ class Federation:
         )
         self.records.append(record)
         append_metrics(self.metrics_path, record.to_json())
+        self.tracker.call("log_round", rnd, round_metrics(record))
         self._checkpoint(rnd)
         self.progress(record.progress_line(self.cfg.rounds, len(self.evaluator.test)))
         return record
@@ -278,6 +295,7 @@ class Federation:
         if self.records:
             title = f"fedlora {cfg.strategy}, {cfg.clients} clients"
             plot_report([r.to_json() for r in self.records], self.out_dir / "report.png", title)
+        self.tracker.call("log_final", self.done, summary_metrics(summary), self.out_dir)
         return summary
 
 

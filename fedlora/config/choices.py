@@ -12,5 +12,7 @@ WIRE_DTYPES = ("fp32", "fp16", "bf16")
 ROBUST_MODES = ("clip", "reject")
 # how a client loads its frozen base model: full precision, or bitsandbytes 4-bit (NF4) or 8-bit (LLM.int8)
 QUANTIZE = ("none", "4bit", "8bit")
+# experiment trackers (fedlora.io.tracking), each an optional extra of the same name
+TRACKERS = ("none", "tensorboard", "mlflow")
 # simulated hostile clients (fedlora.flower.attacks), named in a config file's [attack] table
 ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")
