@@ -122,9 +122,9 @@ class Federation:
         return max(self.resumed_after or 0, self.records[-1].round if self.records else 0)
 
     def run(self) -> dict[str, Any]:
-        self.setup()
         ok = False
         try:
+            self.setup()
             for rnd in range(self.done + 1, self.cfg.rounds + 1):
                 self.run_round(rnd)
             summary = self.finish()
@@ -139,6 +139,7 @@ class Federation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self._restore()
         write_json_atomic(self.out_dir / "config.json", self.cfg.to_dict())
+        self._open_tracker()
         cfg = self.cfg
         self.splits = load_splits(cfg)
         self.strategy = build_strategy(cfg)
@@ -161,7 +162,6 @@ class Federation:
         if self.bridge.initializer is not None and not checkpoint:
             self.init_bytes = federated_init(self.grid, self.bridge, self.progress)
             self._checkpoint(0)
-        self._open_tracker()
 
     def _open_tracker(self) -> None:
         """--track: the run's settings now, every round as it ends, the outputs at the end."""

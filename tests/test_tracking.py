@@ -60,7 +60,7 @@ def test_a_missing_tracker_is_one_line_naming_its_extra_before_any_training(tmp_
         "from fedlora.cli import main\n"
         f"sys.exit(main(['simulate', '--track', {track!r}, '--out', {str(out)!r}]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"pip install 'fedlora[{track}]'" in lines[0]

@@ -71,3 +71,11 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert fresh.run_id != first.run_id
     fresh.close(ok=True)
     assert MlflowClient(mlflow_uri("", tmp_path)).get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_at_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["simulate", "--track", "mlflow", "--track-uri", "http://127.0.0.1:1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--track-uri http://127.0.0.1:1: no MLflow tracking store answers" in err[0]
+    assert not out.exists()  # before the run starts

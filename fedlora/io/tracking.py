@@ -27,7 +27,11 @@ from fedlora.io.report import write_json_atomic
 # the module each tracker imports; its extra has the tracker's name
 MODULES = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow"}
 STATE_FILE = "tracking.json"  # the MLflow run a resumed run continues
-EXPERIMENT = "fedlora"  # MLflow's experiment, unless MLFLOW_EXPERIMENT_NAME names another
+EXPERIMENT = "fedlora"
+PROBE_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}  # MLflow's experiment, unless MLFLOW_EXPERIMENT_NAME names another
 
 
 def require_tracker(track: str) -> None:
@@ -39,6 +43,29 @@ def require_tracker(track: str) -> None:
         importlib.import_module(module)
     except ImportError as exc:  # not installed, or an install that cannot load
         raise UserError(f"--track {track} needs the {track} package ({exc}): pip install 'fedlora[{track}]'") from None
+
+
+def check_tracker(track: str, track_uri: str) -> None:
+    """At start, before any training: the tracker is installed and, for MLflow, a given
+    ``--track-uri`` answers (asked once, without MLflow's minutes of retries)."""
+    require_tracker(track)
+    if track != "mlflow" or not track_uri:
+        return
+    from mlflow.tracking import MlflowClient  # lazy: an optional extra, for --track mlflow only
+
+    uri = mlflow_uri(track_uri, Path.cwd())
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow's errors: connection refused, a store it cannot open
+        raise UserError(f"--track-uri {track_uri}: no MLflow tracking store answers ({_first_line(exc)})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def round_metrics(record: RoundRecord) -> dict[str, float]:
