@@ -36,6 +36,9 @@ def deployed_main(grid: Grid, context: Context) -> None:
     resume; progress goes to ``coordinator.log`` there, which ``fedlora coordinator`` echoes."""
     cfg = RunConfig.from_dict(json.loads(str(context.run_config["fedlora-config"])))
     out_dir = Path(str(context.run_config["out-dir"]))
+    own = out_dir / ".flower" / "server-settings.json"  # fedlora coordinator's, kept off the run config
+    if own.is_file():
+        cfg.update(json.loads(own.read_text()))
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "coordinator.log"
 

@@ -4,6 +4,7 @@ hold, the settings and the report; a tracker that is not installed stops a run b
 import json
 import subprocess
 import sys
+import tomllib
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -72,3 +73,15 @@ def test_where_the_coordinator_reports_to_never_goes_to_clients():
     sent = cfg.for_clients()
     assert "track" not in sent and "track_uri" not in sent
     assert RunConfig.from_dict(sent).track == "none" and sent["rounds"] == cfg.rounds
+
+
+def test_a_coordinator_keeps_its_tracking_settings_off_the_run_config_flower_shares(tmp_path):
+    from fedlora.deploy.coordinator import SERVER_SETTINGS, write_app
+
+    cfg = RunConfig(track="mlflow", track_uri="https://user:secret@mlflow.example.org")
+    run_config = write_app(tmp_path / ".flower" / "app", cfg, tmp_path, resume=False)
+    shared = json.loads(tomllib.loads(run_config.read_text())["fedlora-config"])
+    assert "secret" not in run_config.read_text() and not {"track", "track_uri"} & set(shared)
+    private = tmp_path / SERVER_SETTINGS
+    assert json.loads(private.read_text()) == {"track": "mlflow", "track_uri": cfg.track_uri}
+    assert private.stat().st_mode & 0o777 == 0o600
