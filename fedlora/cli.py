@@ -184,6 +184,8 @@ def _add_export_and_eval(sub: Any) -> None:
     ev.add_argument("--text-column", default="text", help="text column in --data (default text)")
     ev.add_argument("--label-column", default="label", help="label column in --data (default label)")
     ev.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    st = sub.add_parser("status", help="where a run stands, live or finished: rounds, last metrics, epsilon")
+    st.add_argument("run_dir", help="a fedlora run folder (--out of simulate or coordinator)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +350,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from fedlora.io.status import read_status, status_lines  # lazy: startup
+
+    print("\n".join(status_lines(read_status(args.run_dir))))
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     SIMULATE: _simulate,
     COORDINATOR: _coordinator,
@@ -356,6 +365,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "partition": _partition,
     "export": _export,
     "eval": _eval,
+    "status": _status,
 }
 
 

@@ -74,6 +74,9 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     cfg = run_settings(run_config)
     out_dir = run_folder(run_config, cfg).resolve()
+    own = out_dir / ".flower" / "server-settings.json"  # the coordinator's, kept off the run config
+    if own.is_file():
+        cfg.update(json.loads(own.read_text()))
     out_dir.mkdir(parents=True, exist_ok=True)
     log_name = str(run_config.get("log-name") or "")
     log_path = out_dir / log_name if log_name else None

@@ -26,6 +26,7 @@ from fedlora.io.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.io.export import export_peft_adapter
 from fedlora.io.record import RoundRecord, format_scores, round_totals, worst_epsilon
 from fedlora.io.report import append_metrics, plot_report, read_metrics, write_json_atomic, write_lines_atomic
+from fedlora.io.tracking import SafeTracker, flat_params, open_tracker, round_metrics, summary_metrics
 from fedlora.ml.evaluation import evaluate_global_model, evaluation_device, seeded_slice
 from fedlora.ml.models import model_display_name, resolve_pooling
 from fedlora.ml.task import Splits, adapted_model, initial_adapter_state, load_splits, tokenizer_for
@@ -118,6 +119,7 @@ class Federation:
         # one evaluation at a time, beside the next round's training
         self._eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlora-eval")
         self._evaluation: Future[RoundRecord] | None = None
+        self.tracker = SafeTracker(None, progress)  # opened by setup(), with --track
 
     @property
     def done(self) -> int:
@@ -125,15 +127,21 @@ class Federation:
         return max(self.resumed_after or 0, self.records[-1].round if self.records else 0)
 
     def run(self) -> dict[str, Any]:
-        self.setup()
+        ok = False
         try:
-            for rnd in range(self.done + 1, self.cfg.rounds + 1):
-                self.run_round(rnd)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.settle_evaluation()  # the last aggregated round still gets its checkpoint
-            raise
-        return self.finish()
+            self.setup()
+            try:
+                for rnd in range(self.done + 1, self.cfg.rounds + 1):
+                    self.run_round(rnd)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.settle_evaluation()  # the last aggregated round still gets its checkpoint
+                raise
+            summary = self.finish()
+            ok = True
+            return summary
+        finally:
+            self.tracker.call("close", ok)
 
     # ----- setup ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -141,6 +149,7 @@ class Federation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self._restore()
         write_json_atomic(self.out_dir / "config.json", self.cfg.to_dict())
+        self._open_tracker()
         cfg = self.cfg
         self.splits = load_splits(cfg)
         self.strategy = build_strategy(cfg)
@@ -168,6 +177,13 @@ class Federation:
             self.init_bytes = federated_init(self.grid, self.bridge, self.progress)
             self._checkpoint(0)
 
+    def _open_tracker(self) -> None:
+        """--track: the run's settings now, every round as it ends, the outputs at the end."""
+        cfg = self.cfg
+        tracker = open_tracker(cfg.track, cfg.track_uri, self.out_dir, self.done + 1, self.resume)
+        self.tracker = SafeTracker(tracker, self.progress)
+        self.tracker.call("log_params", flat_params(cfg.to_dict()))
+
     def _restore(self) -> tuple[dict, dict] | None:
         """The checkpoint to resume from, with the rounds it holds; a fresh run clears the folder's."""
         if not self.resume:  # nothing of an earlier run in this folder carries over
@@ -194,7 +210,7 @@ class Federation:
         return FlowerStrategy(
             self.strategy,
             global_state,
-            json.dumps(cfg.to_dict()),
+            json.dumps(cfg.for_clients()),
             run_facts=facts,
             fraction=cfg.fraction,
             seed=cfg.seed,
@@ -288,6 +304,7 @@ class Federation:
         """The round's metrics line, then its checkpoint (a resume keeps checkpointed rounds)."""
         self.records.append(record)
         append_metrics(self.metrics_path, record.to_json())
+        self.tracker.call("log_round", record.round, round_metrics(record))
         self._checkpoint(record.round)
         self.progress(record.progress_line(self.cfg.rounds, len(self.evaluator.test)))
 
@@ -320,6 +337,7 @@ class Federation:
         if self.records:
             title = f"fedlora {cfg.strategy}, {cfg.clients} clients"
             plot_report([r.to_json() for r in self.records], self.out_dir / "report.png", title)
+        self.tracker.call("log_final", self.done, summary_metrics(summary), self.out_dir)
         return summary
 
 

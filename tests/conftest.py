@@ -65,3 +65,15 @@ def mean_pooled_run(tmp_path_factory):
     ]
     assert main(args) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tracked_run(tmp_path_factory):
+    """A real 2-client, 2-round simulation with ``--track tensorboard``: its folder (about a minute)."""
+    from fedlora.cli import main  # lazy: only the tests that need a run import the package's CLI
+
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    args = ["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]
+    args += ["--round-eval-examples", "16", "--eval-max-examples", "40", "--max-length", "32"]
+    assert main([*args, "--track", "tensorboard", "--out", str(out)]) == 0
+    return out

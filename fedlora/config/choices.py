@@ -15,5 +15,7 @@ ROBUST_MODES = ("clip", "reject")
 DP_ACCOUNTANTS = ("prv", "rdp")
 # how a client loads its frozen base model: full precision, or bitsandbytes 4-bit (NF4) or 8-bit (LLM.int8)
 QUANTIZE = ("none", "4bit", "8bit")
+# experiment trackers (fedlora.io.tracking), each an optional extra of the same name
+TRACKERS = ("none", "tensorboard", "mlflow")
 # simulated hostile clients (fedlora.flower.attacks), named in a config file's [attack] table
 ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")

@@ -14,6 +14,7 @@ from fedlora.config.choices import (
     QUANTIZE,
     ROBUST_MODES,
     TASKS,
+    TRACKERS,
     WIRE_DTYPES,
 )
 from fedlora.config.coerce import coerce
@@ -55,6 +56,20 @@ class RunConfig:
     default, TOML key, bounds and choices are written (fedlora.config.setting)."""
 
     out: str | None = setting(None, RUN, "output folder", shown="runs/<timestamp>-<strategy>/")
+    track: str = setting(
+        "none",
+        RUN,
+        "log every round, the settings and the final report and adapter to {choices} (pip install 'fedlora[NAME]')",
+        choices=TRACKERS,
+        server_only=True,
+    )
+    track_uri: str = setting(
+        "",
+        RUN,
+        "--track mlflow: a tracking URI (http://host:5000, sqlite:///mlflow.db, a folder); tensorboard: the log folder",
+        shown="OUT/mlruns, OUT/tensorboard",
+        server_only=True,
+    )
 
     task: str = setting(
         "classify", MODEL, "what to train: {choices}; causal-lm tunes a decoder on prompt/response pairs", choices=TASKS
@@ -288,6 +303,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {s.name: list(v) if isinstance(v := getattr(self, s.name), tuple) else v for s in SCHEMA}
+
+    def for_clients(self) -> dict[str, Any]:
+        """The settings clients receive: all but the coordinator's own (where it reports to)."""
+        return {k: v for k, v in self.to_dict().items() if not BY_NAME[k].server_only}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -19,7 +19,7 @@ class Group:
     title: str  # the heading of its options in --help
 
 
-RUN = Group("run", "run folder")
+RUN = Group("run", "run folder and tracking")
 MODEL = Group("model", "model and adapters")
 DATA = Group("data", "data")
 FEDERATION = Group("federation", "federation")
@@ -99,6 +99,7 @@ class Setting:
     table_key: str = ""  # its key in its group's config table when not its name
     simulation_only: bool = False  # a coordinator refuses it when not at its default
     deployed: str = ""  # simulation_only: what takes its place in a deployment, for the refusal
+    server_only: bool = False  # the coordinator's own (where it reports to): never sent to clients
     name: str = ""
     default: Any = None
     kind: type = str  # int, float, str or bool (an on/off flag); a tuple's item type

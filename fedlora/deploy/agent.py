@@ -33,6 +33,7 @@ from fedlora.errors import UserError
 from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, default_state_dir, lock_state_dir, private_dir
 from fedlora.ml.data import load_text_file
 from fedlora.ml.instructions import load_instruction_file
+from fedlora.ml.progress import PROGRESS_ENV
 from fedlora.ml.quantize import require_quantization
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -169,6 +170,8 @@ def _serve(supernode: list[str], state: Path) -> tuple[int, deque[str]]:
     is restarted whenever it dies, and stopped with the SuperNode."""
     env = child_env(state / "flower")
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_S)  # local only: its own SuperNode
+    # the trainer writes into a pipe the agent echoes: its bars show where the agent's output does
+    env.setdefault(PROGRESS_ENV, "1" if sys.stdout.isatty() else "0")
     # the SuperNode starts `flwr-clientapp` by name: ours first, which runs fedlora's ClientApp
     # only, as a relay to the resident trainer
     env["PATH"] = f"{write_launcher(state / 'bin', relay=True)}{os.pathsep}{env['PATH']}"

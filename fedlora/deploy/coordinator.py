@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,6 +59,7 @@ ATTACK_CLIENTAPP = "fedlora.flower.attacks:app"  # simulation only
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
 REGISTERED_KEYS = "registered-keys.json"  # under .flower: the node id of each key this run registered
 SECURITY_RECORD = "deployment.json"  # the run's TLS and node-authentication mode
+SERVER_SETTINGS = ".flower/server-settings.json"  # the coordinator's own settings, for its ServerApp alone
 POLL_S = 2.0
 STATUS_EVERY_S = 15.0
 FINISHED = "run finished"  # the ServerApp's last progress line
@@ -181,15 +183,22 @@ def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
 def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_name: str) -> Path:
     """The Flower app folder (just its pyproject) and the run config file for ``flwr run``.
     A simulation under attack runs the attacking ClientApp (``fedlora coordinator`` refuses
-    attack settings)."""
+    attack settings). Flower hands a run's config to every SuperNode, so the coordinator's
+    own settings (where it reports to) go to the ServerApp in a private file of ``out_dir``."""
     pyproject = APP_PYPROJECT
     if cfg.attack_clients:
         pyproject = pyproject.replace(f'"{TRUSTED_CLIENTAPP}"', f'"{ATTACK_CLIENTAPP}"')
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(pyproject)
+    own = {k: v for k, v in cfg.to_dict().items() if k not in cfg.for_clients()}
+    private = out_dir / SERVER_SETTINGS
+    private.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(json.dumps(own))
+    private.chmod(0o600)  # one written before with other modes
     run_config = folder.parent / "run-config.toml"
     run_config.write_text(
-        f"fedlora-config = {json.dumps(json.dumps(cfg.to_dict()))}\n"
+        f"fedlora-config = {json.dumps(json.dumps(cfg.for_clients()))}\n"
         f"out-dir = {json.dumps(str(out_dir))}\nresume = {str(resume).lower()}\n"
         f"log-name = {json.dumps(log_name)}\n"
     )

@@ -20,6 +20,7 @@ stderr and exits with status 2; one that dies is started again by the agent
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import subprocess
 import sys
@@ -176,14 +177,22 @@ class ResidentTrainer:
 
 
 def _echo(stream, ready: threading.Event, lines: deque[str]) -> None:
-    """The trainer's output, on the agent's; notes when it is ready."""
-    for raw in stream:
-        line = raw.decode(errors="replace").rstrip()
-        sys.stdout.write(line + "\n")
+    """The trainer's output, on the agent's, as it comes: a progress bar redraws its line
+    with carriage returns, not newlines. Notes when the trainer is ready."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    while chunk := stream.read1(65536):
+        text = decoder.decode(chunk)
+        sys.stdout.write(text)
         sys.stdout.flush()
-        lines.append(line)
-        if line.startswith(READY):
-            ready.set()
+        *complete, pending = (pending + text).split("\n")
+        for line in complete:
+            line = line.rsplit("\r", 1)[-1].rstrip()  # what is left on the line once a bar has drawn over it
+            lines.append(line)
+            if line.startswith(READY):
+                ready.set()
+    if pending.strip():
+        lines.append(pending.rsplit("\r", 1)[-1].rstrip())
 
 
 def _last_words(lines: deque[str]) -> str:

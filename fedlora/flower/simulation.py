@@ -15,6 +15,7 @@ import torch
 
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
+from fedlora.io.tracking import check_tracker
 from fedlora.ml.models import model_skeleton, resolve_model_path
 from fedlora.ml.quantize import require_quantization
 from fedlora.ml.task import check_target_modules, load_splits
@@ -29,6 +30,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """Fail fast, before any worker starts, on bad config, data or model paths, and on a GPU
     share or a quantization this machine cannot serve."""
     cfg.validate()
+    check_tracker(cfg.track, cfg.track_uri)
     check_hardware(cfg.gpus_per_client, cfg.quantize)
     resolve_model_path(cfg.model, cfg.task)
     splits = load_splits(cfg)

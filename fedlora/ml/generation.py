@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedlora.ml.instructions import InstructionDataset, final_number, prompt_ids, token_losses
+from fedlora.ml.progress import with_progress
 
 
 @torch.no_grad()
@@ -36,7 +37,8 @@ def generate_answers(
     model.eval()
     answers = []
     pad = tokenizer.pad_token_id
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in with_progress(starts, len(starts), "generating answers", unit="batch"):
         rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -21,6 +21,7 @@ from fedlora.ml.adapters import head_module, lora_modules
 from fedlora.ml.data import TextDataset
 from fedlora.ml.instructions import InstructionDataset
 from fedlora.ml.privacy import DPPlan, History, private
+from fedlora.ml.progress import with_progress
 from fedlora.ml.quantize import is_quantized, plain_linear
 
 LocalData = TextDataset | InstructionDataset  # each knows its batches and its loss
@@ -138,9 +139,11 @@ def _run(
     max_grad_norm: float | None,
     dp: DPPlan | None,
     history: History | None,
+    desc: str = "local training",
 ) -> tuple[TrainStats, History]:
     """``run_steps`` on the model as it is, or on its private version under ``dp`` (where
-    per-sample clipping to ``dp.clip`` replaces ``max_grad_norm``)."""
+    per-sample clipping to ``dp.clip`` replaces ``max_grad_norm``); ``desc`` names its
+    progress bar on a terminal."""
     torch.manual_seed(seed)  # dropout masks and Poisson samples: a seeded run repeats exactly
     history = [tuple(h) for h in history or []]
     if dp is not None:
@@ -159,7 +162,7 @@ def _run(
             stats = run_steps(
                 run.model,
                 run.optimizer,
-                run.batches(steps),
+                with_progress(run.batches(steps), steps, desc),
                 data.loss,
                 device=device,
                 autocast=False,
@@ -168,7 +171,9 @@ def _run(
         return stats, run.history()
     model.train()
     try:
-        batches = _seeded_batches(tokenizer, data, steps, batch_size, max_length, seed, device)
+        batches = with_progress(
+            _seeded_batches(tokenizer, data, steps, batch_size, max_length, seed, device), steps, desc
+        )
         return run_steps(model, optimizer, batches, data.loss, device=device, max_grad_norm=max_grad_norm), history
     finally:
         model.eval()
@@ -304,6 +309,7 @@ def _base_weight_gradients(
             max_grad_norm=None,
             dp=dp,
             history=history,
+            desc="initialisation gradient",
         )
         # left on the training device: the client's sketch (an SVD per module) runs there too
         return {name: (summed.total(w) / batches).to(torch.float32) for name, w in weights.items()}, history
