@@ -153,3 +153,26 @@ def test_fedsb_one_off_tensors_travel_in_the_init_dtype_and_aggregation_stays_ex
     b.aggregate_train(1, [FakeReply(1, client_update(0.5, 10)), FakeReply(2, client_update(-0.25, 30))])
     assert b.stats.clients == 2 and b.stats.aggregation_error <= 1e-5
     torch.testing.assert_close(b.global_state["m.q.lora_R.weight"], r + (0.5 * 10 - 0.25 * 30) / 40)
+
+
+def test_one_clients_bf16_initialisation_is_within_its_own_sketchs_bound(monkeypatch):
+    """A single client's initialisation is its own sketch: rounded to bf16 on the wire its
+    effect can pass the sketch's own by more than fp32 rounding, and must not be discarded."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.flower.bridge import INIT_BOUND_SLACK
+
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    fedsb = make_strategy("fedsb", SPEC)
+    gen = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(12):
+        b = FlowerStrategy(fedsb, fedsb.setup(dict(GLOBAL)), "{}", init_dtype="bf16")
+        b.configure_init(SimpleNamespace(get_node_ids=lambda: [1]))
+        sketch = fedsb.init_reply({"m.q": torch.randn(4, 3, generator=gen)})
+        blob = wire.encode(sketch, kind="init", strategy="fedsb", num_examples=10, wire_dtype="bf16")
+        received = wire.decode(blob).tensors
+        assert b.aggregate_init([FakeReply(1, blob)]), b.init_stats.reasons
+        ratios.append(fedsb.effect_norm(b.global_state, b.global_state) / fedsb.init_effect_norm(received))
+    assert max(ratios) < 1 + INIT_BOUND_SLACK["bf16"]

@@ -73,6 +73,11 @@ class RoundStats:
     reasons: list[str] = field(default_factory=list)
 
 
+# relative slack of the initialisation's bound per dtype of the sketches: fp32 rounding, or
+# a few units of a 16-bit format's rounding (bf16 keeps 8 bits, fp16 11), far below any attack
+INIT_BOUND_SLACK = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
+
+
 class FlowerStrategy(Strategy):
     def __init__(
         self,
@@ -194,9 +199,11 @@ class FlowerStrategy(Strategy):
             return self._discard(0, stats, f"the initialisation failed: {one_line(exc)}")
         if not all_finite(initial):
             return self._discard(0, stats, "the initialisation built from the clients' gradients is not finite")
-        # a bounded R0: the truncated mean of the sketches does no more than the largest kept one
+        # a bounded R0: the truncated mean of the sketches does no more than the largest kept one,
+        # up to the rounding of sketches that crossed in 16 bits (one client's is its own sketch)
         largest = max(strategy.init_effect_norm(u.state) for u in grads)
-        if self.strategy.effect_norm(self.global_state, initial) > largest * (1 + 1e-4) + 1e-12:
+        slack = INIT_BOUND_SLACK[self.init_dtype]
+        if self.strategy.effect_norm(self.global_state, initial) > largest * (1 + slack) + 1e-12:
             return self._discard(0, stats, "the initialisation exceeds what its sketches allow")
         self.global_state = self._in_wire_dtype(initial)
         return True
