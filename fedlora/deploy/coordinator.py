@@ -60,7 +60,7 @@ TLS_FILES = ("ca.crt", "server.pem", "server.key")
 REGISTERED_KEYS = "registered-keys.json"  # under .flower: the node id of each key this run registered
 SECURITY_RECORD = "deployment.json"  # the run's TLS and node-authentication mode
 SERVER_SETTINGS = ".flower/server-settings.json"  # the coordinator's own settings, for its ServerApp alone
-POLL_S = 2.0
+POLL_S = 0.5  # reading the progress log; Flower is asked only every STATUS_EVERY_S
 STATUS_EVERY_S = 15.0
 FINISHED = "run finished"  # the ServerApp's last progress line
 LOG_NAME = "coordinator.log"  # the run's progress, in the run folder
@@ -222,10 +222,13 @@ def follow_run(
             raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
         now = time.monotonic()
         last_news = now if offset > before else last_news
-        # each flwr call costs a second of CPU: ask at once when the run says it is done, else
-        # only after a quiet spell (a run that failed writes no more progress)
-        finished_line = offset > before and FINISHED in last_line(log_path, (FINISHED,))
-        if not finished_line and (now - last_ask < STATUS_EVERY_S or now - last_news < STATUS_EVERY_S):
+        # each flwr call costs a second of CPU: ask only after a quiet spell (a run that failed
+        # writes no more progress)
+        if offset > before and FINISHED in last_line(log_path, (FINISHED,)):
+            # the ServerApp's last line, written after all its outputs: the run completed. Flower
+            # reports it finished only once its runtime has wound down, up to 20 s later.
+            return
+        if now - last_ask < STATUS_EVERY_S or now - last_news < STATUS_EVERY_S:
             continue
         last_ask = now
         runs = cli.call("ls", "--run-id", str(run_id)).get("runs", [])
