@@ -22,4 +22,4 @@ def test_default_simulation_reaches_target_accuracy(tmp_path):
     assert "DEPRECATED" not in terminal and "Traceback" not in terminal and "LOAD REPORT" not in terminal, terminal
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_clients"] >= 4 and summary["rounds"] == 5
-    assert summary["final_accuracy"] >= 0.92
+    assert summary["final_accuracy"] >= 0.94  # the issue on defaults: at least the 0.94 of before

@@ -1,4 +1,5 @@
-"""fedlora export (PEFT adapter, merged model) and fedlora eval on real small runs."""
+"""fedlora export (PEFT adapter, merged model) and fedlora eval on real small runs whose
+classifier reads BERT's pooler; mean-pooled exports: tests/test_export_mean_pooling.py."""
 
 import json
 import subprocess
@@ -21,7 +22,9 @@ TEXTS = [
 def run_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "run"
     cfg = tmp_path_factory.mktemp("cfg") / "small.toml"
-    cfg.write_text("local_steps = 2\nbatch_size = 8\neval_max_examples = 16\nmax_length = 32\nlr = 0.01\n")
+    cfg.write_text(
+        'local_steps = 2\nbatch_size = 8\neval_max_examples = 16\nmax_length = 32\nlr = 0.01\npooling = "pooler"\n'
+    )
     extra = ["--ranks", "4,2"] if request.param == "flora" else []
     args = [
         "simulate",
@@ -56,11 +59,13 @@ def test_peft_export_gives_fedloras_logits(run_dir, tmp_path):
 
     assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
     run = load_run(run_dir)
-    peft_model = PeftModel.from_pretrained(load_classifier(None, len(run.labels)), str(tmp_path / "adapter")).eval()
+    peft_model = PeftModel.from_pretrained(
+        load_classifier(None, len(run.labels), pooling="pooler"), str(tmp_path / "adapter")
+    ).eval()
     ours = run.model().eval()
     assert (logits(peft_model, run) - logits(ours, run)).abs().max().item() < 1e-4
     # the adapter actually moved the model away from the base
-    base = load_classifier(None, len(run.labels)).eval()
+    base = load_classifier(None, len(run.labels), pooling="pooler").eval()
     assert (logits(base, run) - logits(ours, run)).abs().max().item() > 1e-3
 
 

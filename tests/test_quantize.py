@@ -160,7 +160,7 @@ def test_a_quantized_simulation_exports_a_plain_peft_adapter(quantized_run):
     config = json.loads((quantized_run / "config.json").read_text())
     assert config["quantize"] == "4bit" and config["gradient_checkpointing"] is True
     adapter = json.loads((quantized_run / "adapter" / "adapter_config.json").read_text())
-    assert "quantization_config" not in adapter and adapter["r"] == 8
+    assert "quantization_config" not in adapter and adapter["r"] == config["rank"]
     run = load_run(quantized_run)
     ours = run.model().eval()
     assert not any(is_quantized(m) for m in ours.modules())  # the coordinator's model is fp32

@@ -79,7 +79,7 @@ def test_a_coordinator_keeps_its_tracking_settings_off_the_run_config_flower_sha
     from fedlora.deploy.coordinator import SERVER_SETTINGS, write_app
 
     cfg = RunConfig(track="mlflow", track_uri="https://user:secret@mlflow.example.org")
-    run_config = write_app(tmp_path / ".flower" / "app", cfg, tmp_path, resume=False)
+    run_config = write_app(tmp_path / ".flower" / "app", cfg, tmp_path, resume=False, log_name="run.log")
     shared = json.loads(tomllib.loads(run_config.read_text())["fedlora-config"])
     assert "secret" not in run_config.read_text() and not {"track", "track_uri"} & set(shared)
     private = tmp_path / SERVER_SETTINGS
