@@ -2,6 +2,7 @@
 classifier reads BERT's pooler; mean-pooled exports: tests/test_export_mean_pooling.py."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 
 from fedlora.cli import main
 from fedlora.io.runs import load_run
+from fedlora.quiet import QUIET_ENV, VERBOSE_ENV
 
 TEXTS = [
     "The central bank raised interest rates again.",
@@ -90,8 +92,13 @@ def test_eval_prints_accuracy_and_rejects_bad_files(run_dir, tmp_path):
     data.write_text(
         "\n".join(json.dumps({"text": t, "label": lab}) for t, lab in zip(TEXTS, ["business", "sports", "tech"]))
     )
+    # a user's shell: not the quiet settings this test process inherited from in-process runs
+    env = {k: v for k, v in os.environ.items() if k not in (*QUIET_ENV, VERBOSE_ENV)}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(data)], capture_output=True, text=True
+        [sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(data)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("accuracy ") and "examples 3" in proc.stdout
@@ -101,6 +108,7 @@ def test_eval_prints_accuracy_and_rejects_bad_files(run_dir, tmp_path):
         [sys.executable, "-m", "fedlora.cli", "eval", str(run_dir), "--data", str(data), "--verbose"],
         capture_output=True,
         text=True,
+        env=env,
     )
     assert verbose.returncode == 0 and "LOAD REPORT" in verbose.stdout + verbose.stderr
     assert verbose.stdout.splitlines()[-1] == proc.stdout.strip()
