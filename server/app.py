@@ -111,4 +111,5 @@ def main(grid: Grid, context: Context) -> None:
         client_state_dir=out_dir / "clients" if virtual else None,
     )
     summary = federation.run()
-    progress(f"run finished: final accuracy {summary['final_accuracy']}")
+    accuracy = summary["final_accuracy"]
+    progress(f"run finished: final accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'}")
