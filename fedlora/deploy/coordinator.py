@@ -224,7 +224,7 @@ def follow_run(
         last_news = now if offset > before else last_news
         # each flwr call costs a second of CPU: ask only after a quiet spell (a run that failed
         # writes no more progress)
-        if offset > before and FINISHED in last_line(log_path, (FINISHED,)):
+        if offset > before and _says_finished(log_path, before):
             # the ServerApp's last line, written after all its outputs: the run completed. Flower
             # reports it finished only once its runtime has wound down, up to 20 s later.
             return
@@ -243,6 +243,13 @@ def follow_run(
 
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _says_finished(path: Path, offset: int) -> bool:
+    """Whether the log's lines after ``offset`` (this run's, not a resumed run's) end it."""
+    with path.open() as fh:
+        fh.seek(offset)
+        return any(line.startswith(FINISHED) for line in fh.read().splitlines())
 
 
 def _echo_new_lines(path: Path, offset: int, progress) -> int:
