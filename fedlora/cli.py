@@ -23,6 +23,7 @@ from fedlora.config import (
 )
 from fedlora.config.flags import CHOICES, show
 from fedlora.config.setting import spoken
+from fedlora.deploy.processes import disarm_sigterm
 from fedlora.errors import UserError
 from fedlora.io.agent_state import DEFAULT_MAX_STEPS, AgentPrivacy
 from fedlora.quiet import be_verbose
@@ -391,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        disarm_sigterm()
 
 
 if __name__ == "__main__":

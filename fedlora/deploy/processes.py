@@ -92,13 +92,20 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float
     raise UserError(f"{what} did not open {host}:{port} within {timeout_s:.0f} s")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def terminate_on_sigterm() -> None:
     """Turn SIGTERM into KeyboardInterrupt, so that ``finally`` blocks stop the children."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+def disarm_sigterm() -> None:
+    """Once the command's own clean-up is done: a late SIGTERM (a stop of a child's group that
+    reaches this process as it exits) would raise inside atexit callbacks, so it is ignored."""
+    if signal.getsignal(signal.SIGTERM) is _interrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def last_line(path: Path, needles: Sequence[str] = ("error", "Error", "ERROR", "refused", "failed")) -> str:
