@@ -73,7 +73,36 @@ def tracked_run(tmp_path_factory):
     from fedlora.cli import main  # lazy: only the tests that need a run import the package's CLI
 
     out = tmp_path_factory.mktemp("tracked") / "run"
-    args = ["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]
-    args += ["--round-eval-examples", "16", "--eval-max-examples", "40", "--max-length", "32"]
-    assert main([*args, "--track", "tensorboard", "--out", str(out)]) == 0
+    assert main([*TINY_RUN_ARGS, "--track", "tensorboard", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def inside_a_flower_run(monkeypatch):
+    """Flower builds Messages only inside a run: give the process a run, node and task id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """An agent's own labelled JSONL file: 24 articles of the embedded training split."""
+    import json
+
+    from fedlora.config import RunConfig
+    from fedlora.ml.task import load_splits
+
+    splits = load_splits(RunConfig())
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        {"text": t, "label": splits.label_names[y]} for t, y in zip(splits.train.texts[:24], splits.train.labels[:24])
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+# a 2-client, 2-round simulation of a few steps: the small run the tracking tests log
+TINY_RUN_ARGS = ["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]
+TINY_RUN_ARGS += ["--round-eval-examples", "16", "--eval-max-examples", "40", "--max-length", "32"]

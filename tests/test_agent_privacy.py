@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from replies import FakeReply
 
 from fedlora.client.app import train
@@ -18,28 +17,14 @@ from fedlora.flower.bridge import FlowerStrategy
 from fedlora.flower.messages import RECORD, RESYNC, RunFacts
 from fedlora.io import wire
 from fedlora.io.agent_state import AgentPrivacy, Ledger, data_digest, lock_state_dir
-from fedlora.ml.task import initial_adapter_state, load_splits, lora_spec
+from fedlora.ml.task import initial_adapter_state, lora_spec
 from fedlora.strategies import make_strategy
 
 LABELS = ("business", "entertainment", "politics", "sports", "tech")
 SMALL = dict(local_steps=1, batch_size=4, max_length=16, rounds=3)
 
 
-@pytest.fixture(autouse=True)
-def inside_a_run(monkeypatch):
-    for field in ("_run_id", "_node_id", "_task_id"):  # Flower builds Messages inside a run
-        monkeypatch.setattr(TaskIdentity, field, 1)
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    splits = load_splits(RunConfig())
-    path = tmp_path / "mine.jsonl"
-    rows = [
-        {"text": t, "label": splits.label_names[y]} for t, y in zip(splits.train.texts[:24], splits.train.labels[:24])
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("inside_a_flower_run")  # data_file: conftest
 
 
 def coordinator(strategy: str = "fedavg", labels: tuple[str, ...] = LABELS, **overrides) -> FlowerStrategy:

@@ -2,7 +2,6 @@
 torch, the trainer's answer is the direct handler's, a trainer that dies costs one
 declined round and is started again, and one that cannot start says why in one line."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,36 +13,18 @@ import psutil
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from test_agent_privacy import Grid, agent, coordinator, reply_of
 
 from fedlora.client.app import train
 from fedlora.client.relay import OP_TRAIN, REQUEST_FRAMES, relay
-from fedlora.config import RunConfig
 from fedlora.deploy.processes import child_env
 from fedlora.deploy.trainer import ResidentTrainer, load_handler
 from fedlora.deploy.trusted_app import _relay_loader, write_launcher
 from fedlora.errors import UserError
 from fedlora.flower.messages import RECORD
 from fedlora.io import channel
-from fedlora.ml.task import load_splits
 
-
-@pytest.fixture(autouse=True)
-def inside_a_run(monkeypatch):
-    for field in ("_run_id", "_node_id", "_task_id"):  # Flower builds Messages inside a run
-        monkeypatch.setattr(TaskIdentity, field, 1)
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    splits = load_splits(RunConfig())
-    path = tmp_path / "mine.jsonl"
-    rows = [
-        {"text": t, "label": splits.label_names[y]} for t, y in zip(splits.train.texts[:24], splits.train.labels[:24])
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("inside_a_flower_run")  # data_file: conftest
 
 
 def in_process_trainer(state_dir):

@@ -7,6 +7,7 @@ installs it and runs this file last."""
 import json
 
 import pytest
+from conftest import TINY_RUN_ARGS
 
 from fedlora.cli import main
 from fedlora.io.report import read_metrics
@@ -19,9 +20,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlflow") / "run"
-    args = ["simulate", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "8"]
-    args += ["--round-eval-examples", "16", "--eval-max-examples", "40", "--max-length", "32"]
-    assert main([*args, "--track", "mlflow", "--out", str(out)]) == 0
+    assert main([*TINY_RUN_ARGS, "--track", "mlflow", "--out", str(out)]) == 0
     return out
 
 

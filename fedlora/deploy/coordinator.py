@@ -214,17 +214,16 @@ def follow_run(
     flower_offset = superlink_log.stat().st_size if superlink_log.is_file() else 0
     while True:
         time.sleep(POLL_S)
-        before = offset
-        offset = _echo_new_lines(log_path, offset, progress)
+        offset, lines = _echo_new_lines(log_path, offset, progress)
         if verbose():
-            flower_offset = _echo_new_lines(superlink_log, flower_offset, _to_stderr)
+            flower_offset, _ = _echo_new_lines(superlink_log, flower_offset, _to_stderr)
         if superlink.poll() is not None:
             raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
         now = time.monotonic()
-        last_news = now if offset > before else last_news
+        last_news = now if lines else last_news
         # each flwr call costs a second of CPU: ask only after a quiet spell (a run that failed
         # writes no more progress)
-        if offset > before and _says_finished(log_path, before):
+        if any(line.startswith(FINISHED) for line in lines):  # this run's lines, not a resumed one's
             # the ServerApp's last line, written after all its outputs: the run completed. Flower
             # reports it finished only once its runtime has wound down, up to 20 s later.
             return
@@ -245,21 +244,16 @@ def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _says_finished(path: Path, offset: int) -> bool:
-    """Whether the log's lines after ``offset`` (this run's, not a resumed run's) end it."""
-    with path.open() as fh:
-        fh.seek(offset)
-        return any(line.startswith(FINISHED) for line in fh.read().splitlines())
-
-
-def _echo_new_lines(path: Path, offset: int, progress) -> int:
+def _echo_new_lines(path: Path, offset: int, progress) -> tuple[int, list[str]]:
+    """Pass the log's lines after ``offset`` to ``progress``; the new offset and those lines."""
     if not path.is_file():
-        return offset
+        return offset, []
     with path.open() as fh:
         fh.seek(offset)
-        for line in fh.read().splitlines():
+        lines = fh.read().splitlines()
+        for line in lines:
             progress(line)
-        return fh.tell()
+        return fh.tell(), lines
 
 
 def _start_superlink(
