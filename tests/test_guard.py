@@ -90,19 +90,46 @@ WAITS_WITH_A_WATCHER = LEAVES_A_WATCHER.replace(
 )
 
 
+# The guard with both grace periods far longer than the test waits: a guard that sat out
+# either one on a process already gone would fail on the wait, however loaded the machine.
+GUARD_WITH_LONG_GRACE = """
+import sys
+from fedlora.deploy import guard
+guard.GRACE_S = guard.LEFTOVER_GRACE_S = 600.0
+sys.exit(guard.main(sys.argv[1:]))
+"""
+
+
 def test_a_signalled_guard_stops_the_command_first_and_its_leftovers_stop_by_themselves(tmp_path):
     log = tmp_path / "watcher.log"
     guard = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.deploy.guard", sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
+        [sys.executable, "-c", GUARD_WITH_LONG_GRACE, sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert guard.stdout.readline().strip() == "started"
-        started = time.monotonic()
         guard.send_signal(signal.SIGTERM)
-        assert guard.wait(timeout=30) == 128 + signal.SIGTERM
-        assert time.monotonic() - started < 8  # no grace period spent waiting on a command that is gone
+        assert guard.wait(timeout=120) == 128 + signal.SIGTERM  # no grace period sat out
         assert log.read_text().splitlines() == ["parent gone"]
     finally:
         guard.kill()
+
+
+STOPPED_TWICE = """
+import os, signal, time
+from fedlora.deploy.processes import terminate_on_sigterm
+terminate_on_sigterm()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)  # a stop of the process group
+    time.sleep(5)
+except KeyboardInterrupt:
+    os.kill(os.getpid(), signal.SIGTERM)  # its guard's stop, during the clean-up
+    time.sleep(0.5)
+    print("cleaned up")
+"""
+
+
+def test_a_second_sigterm_does_not_interrupt_the_clean_up_of_the_first():
+    proc = subprocess.run([sys.executable, "-c", STOPPED_TWICE], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "cleaned up", "")

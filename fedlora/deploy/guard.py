@@ -32,14 +32,14 @@ def _prctl(option: int, value: int) -> None:
         pass
 
 
-def kill_leftovers(grace_s: float = LEFTOVER_GRACE_S) -> None:
-    """Give every process below this one ``grace_s`` to exit by itself, then SIGKILL it.
+def kill_leftovers() -> None:
+    """Give every process below this one ``LEFTOVER_GRACE_S`` to exit by itself, then SIGKILL it.
 
     Descendants, not the process group: Flower starts its executors in sessions of their own."""
     import psutil  # lazy: only the exit path needs it
 
     tree = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    _, alive = psutil.wait_procs(tree, timeout=LEFTOVER_GRACE_S)
     for proc in alive:
         try:
             proc.kill()

@@ -93,6 +93,9 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float
 
 
 def _interrupt(signum, frame) -> None:
+    # once: a stop of our group and a guard's stop of us both send SIGTERM, and the second
+    # would land in the clean-up (or in atexit callbacks) as a traceback
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

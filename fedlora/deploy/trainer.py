@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedlora.deploy.processes import start, stop, terminate_on_sigterm
+from fedlora.deploy.processes import disarm_sigterm, start, stop, terminate_on_sigterm
 from fedlora.errors import UserError
 from fedlora.io.channel import (
     SOCKET_NAME,
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.sock.close()
         (channel_dir(state_dir) / SOCKET_NAME).unlink(missing_ok=True)
+        disarm_sigterm()  # a SIGTERM now (its guard's) would land in atexit callbacks
     return 0
 
 
