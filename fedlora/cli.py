@@ -280,8 +280,8 @@ def _serve(args: argparse.Namespace, dep: Any) -> int:
     if not 0 < args.control_port < 65536:
         raise UserError(f"--control-port must be a port number, got {args.control_port}")
     dep.control_port = args.control_port
-    cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb sizes the SuperLink's message cap
-    serve(dep, Path(args.out), cfg.max_update_mb, resume=args.resume)
+    cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb and --track hold for every run served
+    serve(dep, cfg, Path(args.out), resume=args.resume)
     return 0
 
 

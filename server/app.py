@@ -17,6 +17,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
+from fedlora.config.server_settings import read_server_settings
 from fedlora.errors import UserError
 from fedlora.server.federation import Federation
 
@@ -74,9 +75,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     cfg = run_settings(run_config)
     out_dir = run_folder(run_config, cfg).resolve()
-    own = out_dir / ".flower" / "server-settings.json"  # the coordinator's, kept off the run config
-    if own.is_file():
-        cfg.update(json.loads(own.read_text()))
+    cfg.update(read_server_settings(out_dir, Path.cwd()))  # the coordinator's own, kept off the run config
     out_dir.mkdir(parents=True, exist_ok=True)
     log_name = str(run_config.get("log-name") or "")
     log_path = out_dir / log_name if log_name else None

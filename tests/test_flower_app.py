@@ -179,3 +179,63 @@ def test_a_serving_coordinator_takes_flwr_run_on_its_loopback_control_port(tmp_p
     text = log.read_text()
     assert f'address = "127.0.0.1:{port}"' in text and str(tmp_path / "fed" / "runs") in text, text
     assert "Traceback" not in text and coordinator.returncode == 0, text
+
+
+@pytest.mark.slow
+def test_flwr_run_against_a_serving_coordinator_trains_its_agents_and_tracks(tmp_path):
+    """The deployment path of `flwr run . <connection>`: a serving coordinator over TLS with
+    node authentication and the operator's --track (kept off the run config), two agents that
+    run only the bundle they trust, and a run submitted from the checkout that writes its
+    folder under the coordinator's --out."""
+    from deployment_helpers import fedlora, prepare, stop_all
+
+    certs, parts, _, address = prepare(tmp_path, keys=2, partitions=2)
+    served, control = tmp_path / "fed", free_loopback_port()
+    coordinator = fedlora(
+        *("coordinator", "--serve", "--address", address, "--control-port", str(control), "--out", str(served)),
+        *("--tls-dir", str(certs / "coordinator"), "--auth-keys", str(certs / "coordinator" / "auth-keys")),
+        *("--track", "tensorboard"),
+        log=tmp_path / "coordinator.out",
+    )
+    procs = [coordinator]
+    try:
+        wait_for_port("127.0.0.1", control, coordinator, 300, "the serving coordinator")
+        for i in (1, 2):
+            agent = ("client", "--coordinator", address, "--data", str(parts / f"client-{i}.jsonl"))
+            agent += (
+                "--root-cert",
+                str(certs / "ca" / "ca.crt"),
+                "--auth-key",
+                str(certs / "clients" / f"client-{i}" / "client.key"),
+            )
+            procs.append(fedlora(*agent, "--state-dir", str(tmp_path / f"agent-{i}"), log=tmp_path / f"agent-{i}.out"))
+        ca = json.dumps(str(certs / "ca" / "ca.crt"))
+        env = flower_home(
+            tmp_path, control, f'[superlink.fed]\naddress = "127.0.0.1:{control}"\nroot-certificates = {ca}'
+        )
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        small = json.dumps(
+            {"local_steps": 2, "batch_size": 8, "max_length": 32, "eval_max_examples": 40, "init_batches": 1}
+        )
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "fed", "--stream"]
+            + ["--run-config", f"strategy='fedsb' rounds=2 clients=2 fedlora-config='{small}'"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "run finished: final accuracy" in proc.stdout
+    finally:
+        stop_all(procs, tmp_path)
+    (run,) = (served / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["num_clients"] == 2 and summary["strategy"] == "fedsb"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # the coordinator's --track held
+    for name in ("coordinator", "agent-1", "agent-2"):
+        text = (tmp_path / f"{name}.out").read_text()
+        assert "Traceback" not in text, text

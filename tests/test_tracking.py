@@ -76,7 +76,8 @@ def test_where_the_coordinator_reports_to_never_goes_to_clients():
 
 
 def test_a_coordinator_keeps_its_tracking_settings_off_the_run_config_flower_shares(tmp_path):
-    from fedlora.deploy.coordinator import SERVER_SETTINGS, write_app
+    from fedlora.config.server_settings import SERVER_SETTINGS
+    from fedlora.deploy.coordinator import write_app
 
     cfg = RunConfig(track="mlflow", track_uri="https://user:secret@mlflow.example.org")
     run_config = write_app(tmp_path / ".flower" / "app", cfg, tmp_path, resume=False, log_name="run.log")
@@ -85,3 +86,14 @@ def test_a_coordinator_keeps_its_tracking_settings_off_the_run_config_flower_sha
     private = tmp_path / SERVER_SETTINGS
     assert json.loads(private.read_text()) == {"track": "mlflow", "track_uri": cfg.track_uri}
     assert private.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_serving_coordinators_tracking_holds_for_runs_without_their_own(tmp_path):
+    from fedlora.config.server_settings import read_server_settings, write_server_settings
+
+    served, run = tmp_path / "served", tmp_path / "served" / "runs" / "one"
+    write_server_settings(served, RunConfig(track="tensorboard"))
+    assert read_server_settings(run, workdir=served) == {"track": "tensorboard", "track_uri": ""}
+    write_server_settings(run, RunConfig(track="mlflow"))  # a run folder's own settings come first
+    assert read_server_settings(run, workdir=served)["track"] == "mlflow"
+    assert read_server_settings(tmp_path / "elsewhere", workdir=tmp_path / "nowhere") == {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config import RunConfig
+from fedlora.config.server_settings import write_server_settings
 from fedlora.deploy.processes import (
     child_env,
     flower_executable,
@@ -59,7 +59,6 @@ ATTACK_CLIENTAPP = "fedlora.flower.attacks:app"  # simulation only
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
 REGISTERED_KEYS = "registered-keys.json"  # under .flower: the node id of each key this run registered
 SECURITY_RECORD = "deployment.json"  # the run's TLS and node-authentication mode
-SERVER_SETTINGS = ".flower/server-settings.json"  # the coordinator's own settings, for its ServerApp alone
 POLL_S = 0.5  # reading the progress log; Flower is asked only every STATUS_EVERY_S
 STATUS_EVERY_S = 15.0
 FINISHED = "run finished"  # the ServerApp's last progress line
@@ -190,12 +189,7 @@ def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_nam
         pyproject = pyproject.replace(f'"{TRUSTED_CLIENTAPP}"', f'"{ATTACK_CLIENTAPP}"')
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(pyproject)
-    own = {k: v for k, v in cfg.to_dict().items() if k not in cfg.for_clients()}
-    private = out_dir / SERVER_SETTINGS
-    private.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-        fh.write(json.dumps(own))
-    private.chmod(0o600)  # one written before with other modes
+    write_server_settings(out_dir, cfg)
     run_config = folder.parent / "run-config.toml"
     run_config.write_text(
         f"fedlora-config = {json.dumps(json.dumps(cfg.for_clients()))}\n"
@@ -336,14 +330,17 @@ def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = Fa
         stop(superlink)
 
 
-def serve(dep: Deployment, out_dir: Path, max_update_mb: int, resume: bool = False, progress=print) -> None:
+def serve(dep: Deployment, cfg: RunConfig, out_dir: Path, resume: bool = False, progress=print) -> None:
     """``--serve``: the SuperLink alone, for runs submitted with ``flwr run . <connection>``
     to its control API (loopback only, ``dep.control_port``); each run's ServerApp works in
     ``out_dir``, so a run without ``out-dir`` writes ``out_dir/runs/<timestamp>-<strategy>``.
-    Returns when interrupted (Ctrl-C, SIGTERM); raises UserError if the SuperLink dies."""
+    Of ``cfg``, the message cap (``max_update_mb``) and the coordinator's own settings
+    (``--track``) apply to every run it serves. Returns when interrupted (Ctrl-C, SIGTERM);
+    raises UserError if the SuperLink dies."""
     out = Path(out_dir).resolve()
-    cap = superlink_message_cap(max_update_mb)
+    cap = superlink_message_cap(cfg.max_update_mb)
     superlink_log = _prepare(out, dep, resume, cap)
+    write_server_settings(out, cfg)
     superlink, _ = _start_superlink(
         dep, out / ".flower", dep.address, superlink_log, cap, control_port=dep.control_port, cwd=out
     )
