@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 PARENT = """
 import subprocess, sys, time
 guard = subprocess.Popen([sys.executable, "-m", "fedlora.deploy.guard", "sh", "-c", "sleep 300 & sleep 300"], start_new_session=True)
@@ -92,18 +94,25 @@ WAITS_WITH_A_WATCHER = LEAVES_A_WATCHER.replace(
 
 # The guard with both grace periods far longer than the test waits: a guard that sat out
 # either one on a process already gone would fail on the wait, however loaded the machine.
+# Started with SIGTERM ignored too, as a process that ignores it (a CLI past its clean-up, a
+# test runner after one) would start it: that disposition survives exec, and CI's guard
+# once sat out its 10 s grace on a command that ignored its stop.
 GUARD_WITH_LONG_GRACE = """
-import sys
+import signal, sys
 from fedlora.deploy import guard
 guard.GRACE_S = guard.LEFTOVER_GRACE_S = 600.0
-sys.exit(guard.main(sys.argv[1:]))
+if sys.argv[1] == "ignoring-sigterm":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+sys.exit(guard.main(sys.argv[2:]))
 """
 
 
-def test_a_signalled_guard_stops_the_command_first_and_its_leftovers_stop_by_themselves(tmp_path):
+@pytest.mark.parametrize("started", ["as-usual", "ignoring-sigterm"])
+def test_a_signalled_guard_stops_the_command_first_and_its_leftovers_stop_by_themselves(tmp_path, started):
     log = tmp_path / "watcher.log"
+    command = [sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)]
     guard = subprocess.Popen(
-        [sys.executable, "-c", GUARD_WITH_LONG_GRACE, sys.executable, "-c", WAITS_WITH_A_WATCHER, str(log)],
+        [sys.executable, "-c", GUARD_WITH_LONG_GRACE, started, *command],
         stdout=subprocess.PIPE,
         text=True,
     )

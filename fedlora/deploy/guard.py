@@ -55,6 +55,10 @@ def main(argv: list[str]) -> int:
     parent = os.getppid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans below us stay ours to clean up
+    # the command starts with default handling, whatever we inherited: an ignored SIGTERM
+    # (a parent's) survives exec, and the command would sit out our stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     child = subprocess.Popen(argv)
 
     def on_signal(signum, frame) -> None:
