@@ -25,7 +25,7 @@ def run_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "run"
     cfg = tmp_path_factory.mktemp("cfg") / "small.toml"
     cfg.write_text(
-        'local_steps = 2\nbatch_size = 8\neval_max_examples = 16\nmax_length = 32\nlr = 0.01\npooling = "pooler"\n'
+        'local_steps = 2\nbatch_size = 8\neval_max_examples = 16\nmax_length = 32\nlr = 0.01\npooling = "pooler"\ninit_batches = 1\n'
     )
     extra = ["--ranks", "4,2"] if request.param == "flora" else []
     args = [
