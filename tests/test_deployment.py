@@ -1,7 +1,7 @@
 """A real deployment on loopback: a coordinator and three client agents as separate
-processes, TLS and node authentication on, two rounds of Fed-SB. Strangers are refused,
-a client killed mid-run leaves the others to finish, and an agent whose resident trainer
-is killed starts it again and goes on."""
+processes, TLS and node authentication on, three rounds of Fed-SB tracked in TensorBoard.
+Strangers are refused, a client killed mid-run leaves the others to finish, and an agent
+whose resident trainer is killed starts it again and goes on."""
 
 import json
 import os
@@ -60,6 +60,8 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
             str(out),
             "--config",
             str(config),
+            "--track",
+            "tensorboard",
             log=tmp_path / "coordinator.out",
         )
         procs.append(coordinator)
@@ -142,3 +144,5 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     coordinator_log = (out / "coordinator.log").read_text()
     assert "initialisation from 3 clients" in coordinator_log
     assert "no reply from client" in coordinator_log or "disconnected since the last round" in coordinator_log
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # --track on a deployed coordinator
+    assert "tensorboard" not in (out / ".flower" / "run-config.toml").read_text()  # never sent to agents
