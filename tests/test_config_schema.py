@@ -99,7 +99,7 @@ def test_lr_help_names_both_task_defaults_and_strategies_come_from_the_registry(
     from fedlora.strategies import STRATEGY_NAMES
 
     lr_help = command_parser(SIMULATE)._option_string_actions["--lr"].help
-    assert lr_help.endswith("(default 3e-3; ffa 0.01, fedsb 0.01; causal-lm 5e-4; under DP 1e-3)"), lr_help
+    assert lr_help.endswith("(default 3e-3; ffa 0.01, flora 6e-3, fedsb 0.01; causal-lm 5e-4; under DP 1e-3)"), lr_help
     text = command_parser(SIMULATE).format_help()
     assert ", ".join(STRATEGY_NAMES[:-1]) in " ".join(text.split())
 

@@ -155,13 +155,14 @@ class RunConfig:
     # down, the adapters take small steps that the noise cannot walk far, and the head,
     # which reads features that already separate the classes, takes large ones.
     batch_size: int = setting(16, TRAINING, "local batch size", range=COUNT, under_dp=64)
-    # per strategy from the strategy benchmark: FFA-LoRA and Fed-SB train fewer numbers
+    # per strategy from the strategy benchmark and the defaults sweep (docs/benchmarks.md):
+    # FFA-LoRA and Fed-SB train fewer numbers; FLoRA's adapters start afresh every round
     lr: float = setting(
         3e-3,
         TRAINING,
         "local learning rate",
         range=POSITIVE,
-        by_strategy=(("ffa", 1e-2), ("fedsb", 1e-2)),
+        by_strategy=(("ffa", 1e-2), ("flora", 6e-3), ("fedsb", 1e-2)),
         causal_lm=5e-4,
         under_dp=1e-3,
     )
