@@ -24,7 +24,10 @@ def test_the_options_table_names_every_flag_with_its_default():
     from fedlora.config.flags import options_table
 
     table = options_table()
-    assert "`--lr` (3e-3; ffa 0.01, flora 6e-3, fedsb 0.01; causal-lm 5e-4; under DP 1e-3)" in table and "`--rounds` (5)" in table
+    assert (
+        "`--lr` (3e-3; ffa 0.01, flora 6e-3, fedsb 0.01; causal-lm 5e-4; under DP 1e-3)" in table
+        and "`--rounds` (5)" in table
+    )
     assert (
         generated().with_tables(
             "a\n<!-- options:start -->\nold\n<!-- options:end -->\n<!-- round-record:start --><!-- round-record:end -->"
