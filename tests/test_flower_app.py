@@ -95,14 +95,17 @@ def test_the_checkouts_bundle_carries_no_code_and_an_agent_accepts_it():
 def test_flwr_run_in_a_checkout_writes_a_run_folder(tmp_path):
     """`flwr run .` against a SuperLink in simulation mode (what Flower's `local` connection
     starts), one short round with two SuperNodes: the same run folder as `fedlora simulate`."""
-    home, out, port = tmp_path / "flwr-home", tmp_path / "run", free_loopback_port()
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)]
+    out, port = tmp_path / "run", free_loopback_port()
+    env = flower_home(tmp_path, port, f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true')
+    cmd = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     cmd.append("--disable-runtime-dependency-installation")  # use this environment, install nothing
     with (tmp_path / "superlink.log").open("wb") as log:
         superlink = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,17 +113,8 @@ def test_flwr_run_in_a_checkout_writes_a_run_folder(tmp_path):
         wait_for_port("127.0.0.1", port, superlink, 300, "the SuperLink")
         small = json.dumps({"local_steps": 1, "batch_size": 8, "max_length": 32, "eval_max_examples": 32})
         run_config = f"rounds=1 clients=2 out-dir='{out}' fedlora-config='{small}'"
-        proc = subprocess.run(
-            [str(bin_dir / "flwr"), "run", str(ROOT), "sim", "--stream", "--run-config", run_config]
-            + ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "run finished: final accuracy" in proc.stdout  # the ServerApp's progress, streamed
+        federation = ("--federation-config", "num-supernodes=2 client-resources-num-cpus=1")
+        flwr_run_to_the_end(env, tmp_path, "sim", run_config, *federation, timeout_s=600)
     finally:
         os.killpg(superlink.pid, signal.SIGTERM)
         try:
@@ -147,6 +141,22 @@ def flower_home(tmp_path: Path, port: int, connection: str) -> dict[str, str]:
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{connection.split()[0]}"\n\n{connection}\n')
     bin_dir = Path(sys.executable).parent
     return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def flwr_run_to_the_end(env: dict[str, str], cwd: Path, connection: str, run_config: str, *extra: str, timeout_s: int):
+    """`flwr run` of this checkout on ``connection``, streamed: it succeeds and shows the
+    ServerApp's last progress line."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), connection, "--stream"]
+        + ["--run-config", run_config, *extra],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run finished: final accuracy" in proc.stdout  # the ServerApp's progress, streamed
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -217,17 +227,8 @@ def test_flwr_run_against_a_serving_coordinator_trains_its_agents_and_tracks(tmp
         small = json.dumps(
             {"local_steps": 2, "batch_size": 8, "max_length": 32, "eval_max_examples": 40, "init_batches": 1}
         )
-        proc = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "fed", "--stream"]
-            + ["--run-config", f"strategy='fedsb' rounds=2 clients=2 fedlora-config='{small}'"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "run finished: final accuracy" in proc.stdout
+        run_config = f"strategy='fedsb' rounds=2 clients=2 fedlora-config='{small}'"
+        flwr_run_to_the_end(env, tmp_path, "fed", run_config, timeout_s=900)
     finally:
         stop_all(procs, tmp_path)
     (run,) = (served / "runs").iterdir()
