@@ -274,6 +274,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, dep: Any) -> int:
     from fedlora.deploy.coordinator import serve  # lazy: startup
+    from fedlora.io.tracking import check_tracker
 
     if not args.out:
         raise UserError("--serve needs --out: the folder for Flower's state and the runs' folders")
@@ -281,6 +282,7 @@ def _serve(args: argparse.Namespace, dep: Any) -> int:
         raise UserError(f"--control-port must be a port number, got {args.control_port}")
     dep.control_port = args.control_port
     cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb and --track hold for every run served
+    check_tracker(cfg.track, cfg.track_uri)  # before serving: every run would fail on it
     serve(dep, cfg, Path(args.out), resume=args.resume)
     return 0
 

@@ -54,12 +54,15 @@ def test_the_settings_are_hyperparameters_and_the_report_an_image(tracked_run, e
 
 
 @pytest.mark.parametrize("track,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
-def test_a_missing_tracker_is_one_line_naming_its_extra_before_any_training(tmp_path, track, module):
+@pytest.mark.parametrize(
+    "command", [["simulate"], ["coordinator", "--serve", "--insecure", "--address", "127.0.0.1:1"]]
+)
+def test_a_missing_tracker_is_one_line_naming_its_extra_before_any_training(tmp_path, track, module, command):
     out = tmp_path / "run"
     code = (
         f"import sys; sys.modules[{module!r}] = None  # as if not installed\n"
         "from fedlora.cli import main\n"
-        f"sys.exit(main(['simulate', '--track', {track!r}, '--out', {str(out)!r}]))\n"
+        f"sys.exit(main([*{command!r}, '--track', {track!r}, '--out', {str(out)!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
