@@ -253,11 +253,11 @@ def test_unset_settings_pass_and_wrong_types_are_refused():
 
 def test_strategy_defaults_follow_the_strategy_but_never_override_a_given_value():
     cfg = configured(strategy="fedsb")
-    assert (cfg.lr, cfg.init_dtype, cfg.rank) == (1e-2, "bf16", 16)
+    assert (cfg.lr, cfg.init_dtype, cfg.rank) == (1e-2, "bf16", 20)
     cfg.update({"strategy": "fedavg"})  # a later file or flag changes the strategy: defaults follow
-    assert (cfg.lr, cfg.init_dtype) == (3e-3, "")
-    given = configured(strategy="fedsb", lr=1e-2, init_dtype="fp32")
-    assert (given.lr, given.init_dtype) == (1e-2, "fp32")
+    assert (cfg.lr, cfg.init_dtype, cfg.rank) == (3e-3, "", 16)
+    given = configured(strategy="fedsb", lr=1e-2, init_dtype="fp32", rank=16)
+    assert (given.lr, given.init_dtype, given.rank) == (1e-2, "fp32", 16)
     assert configured(strategy="fedsb", task="causal-lm").lr == 5e-4  # the task's default wins
     coded = RunConfig(lr=7e-3)  # a value set in code is not a default, and stays
     coded.update({"strategy": "ffa"})

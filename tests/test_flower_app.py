@@ -46,7 +46,7 @@ def test_flower_loads_the_app_from_pyproject():
 
 def test_the_run_config_keys_are_settings_with_their_defaults():
     """Every key is a setting (or one of the ServerApp's own keys); a value that is given is
-    the schema's default, and none of them has a different causal-LM default."""
+    the schema's default, and none of them has a different causal-LM or per-strategy default."""
     config = app_table()["config"]
     defaults = RunConfig()
     for key, value in config.items():
@@ -57,6 +57,7 @@ def test_the_run_config_keys_are_settings_with_their_defaults():
         if value != "":
             assert getattr(defaults, name) == value, key
             assert name not in CAUSAL_LM_DEFAULTS, key
+            assert not BY_NAME[name].by_strategy, key  # a given value would hide a strategy's own default
     assert run_settings(config).to_dict() == defaults.to_dict()
     assert set(RUN_KEYS) <= set(config)
 
