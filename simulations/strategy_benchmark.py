@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedlora.config import POOLINGS, WIRE_DTYPES
+from fedlora.config import POOLINGS, WIRE_DTYPES, RunConfig
 from fedlora.strategies import STRATEGY_NAMES as STRATEGIES
 
 SHARED_SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -99,14 +99,18 @@ def sst2_files(tmp: Path) -> dict | None:
 
 
 def finished_with(out_dir: Path, settings: dict, strategy: str, options: dict) -> bool:
-    """Whether ``out_dir`` holds a finished run of exactly these settings. The data paths
-    are left out: SST-2's JSONL files are written afresh into a temporary folder each time."""
+    """Whether ``out_dir`` holds a finished run of exactly the settings a run would get now,
+    fedlora's defaults for what is left unset included (a run made under older defaults
+    is run again). The data paths and the output folder are left out: SST-2's JSONL
+    files are written afresh into a temporary folder each time. A setting added since the
+    run was made is not in its config.json and is not compared."""
     try:
         config = json.loads((out_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = {**settings, "strategy": strategy, **options}
-    same = all(json.loads(json.dumps(v)) == config.get(k) for k, v in wanted.items() if k not in ("data", "eval_data"))
+    wanted = RunConfig.from_dict({**settings, "strategy": strategy, **options}).to_dict()
+    compared = (k for k in wanted if k in config and k not in ("data", "eval_data", "out"))
+    same = all(config[k] == wanted[k] for k in compared)
     return same and (out_dir / "summary.json").is_file()
 
 
