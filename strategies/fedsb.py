@@ -133,7 +133,22 @@ class FedSB(AdapterStrategy, FederatedInit):
                 for u, w in zip(grads, ws)
             )
             u_mat, sing, vh = torch.linalg.svd(-self.init_step * g, full_matrices=False)
-            state[f"{m}.{ROLE_B}.weight"] = u_mat[:, :r].contiguous().to(torch.float32)
-            state[f"{m}.{ROLE_A}.weight"] = vh[:r].contiguous().to(torch.float32)
-            state[f"{m}.{ROLE_R}.weight"] = (torch.diag(sing[:r]) / s).to(torch.float32)
+            b, a, r0 = pad_to_rank(u_mat[:, :r], vh[:r], torch.diag(sing[:r]) / s, r)
+            state[f"{m}.{ROLE_B}.weight"] = b.contiguous().to(torch.float32)
+            state[f"{m}.{ROLE_A}.weight"] = a.contiguous().to(torch.float32)
+            state[f"{m}.{ROLE_R}.weight"] = r0.to(torch.float32)
         return state
+
+
+def pad_to_rank(
+    b: torch.Tensor, a: torch.Tensor, r0: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A matrix narrower than the rank has fewer singular directions than R has rows: zero
+    columns of B and rows of A fill the rest. s B R A ignores those rows and columns of R,
+    and their gradient is zero, so they never act."""
+    k = r0.shape[0]
+    if k == rank:
+        return b, a, r0
+    b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+    a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
+    return b, a, torch.nn.functional.pad(r0, (0, rank - k, 0, rank - k))

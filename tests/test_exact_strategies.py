@@ -145,6 +145,27 @@ def test_fedsb_initialisation_is_the_truncated_svd_of_the_mean_gradient(tiny_ber
     assert torch.allclose(got, best, atol=1e-4)
 
 
+def test_fedsb_rank_above_a_matrix_side_pads_with_directions_that_never_act(tiny_bert):
+    """tiny BERT's matrices are 32 x 32: at rank 40 the SVD has 32 directions, and A, B and R
+    keep the rank's shapes with zeros that neither change W nor get a gradient."""
+    spec = LoRASpec(rank=40, alpha=80.0, target_modules=("query", "value"))
+    strategy = make_strategy("fedsb", spec, init_step=INIT_STEP)
+    inject_lora(tiny_bert, strategy.spec)
+    state = strategy.setup(adapter_state(tiny_bert))
+    gen = torch.Generator().manual_seed(0)
+    grads = {m: torch.randn(d_out, d_in, generator=gen) for m, (d_out, d_in) in strategy.module_shapes.items()}
+    state = strategy.initialize(state, [ClientUpdate(0, strategy.init_reply(grads), 10)])
+    module = next(iter(strategy.module_shapes))
+    a, b, r0 = (state[f"{module}.{role}.weight"].double() for role in ("lora_A", "lora_B", "lora_R"))
+    assert a.shape == (40, 32) and b.shape == (32, 40) and r0.shape == (40, 40)
+    assert not a[32:].any() and not b[:, 32:].any() and not r0[32:].any() and not r0[:, 32:].any()
+    got = lora_deltas({k: v for k, v in state.items() if k.startswith(module)}, spec.alpha)[module]
+    torch.testing.assert_close(got, -INIT_STEP * grads[module].double(), atol=1e-6, rtol=1e-4)
+    r_grad = spec.scaling * b.T @ torch.randn(32, 32, generator=gen, dtype=torch.float64) @ a.T
+    assert not r_grad[32:].any() and not r_grad[:, 32:].any()
+    strategy.materialize(tiny_bert, state)  # the model takes the padded shapes
+
+
 def test_flora_catch_up_sends_every_missed_round(tiny_bert):
     strategy, state = setup_strategy("flora", tiny_bert)
     for round_num in (1, 2, 3):
