@@ -42,9 +42,13 @@ def child_env(flower_home: Path) -> dict[str, str]:
 def start(cmd: Sequence[str], env: dict[str, str], log_path: Path | None, cwd: Path | None = None) -> subprocess.Popen:
     """``cmd`` under ``fedlora.deploy.guard`` in a new session: stopping the returned process's
     group stops everything ``cmd`` started, and so does our own death."""
-    out = open(log_path, "ab") if log_path is not None else subprocess.PIPE
     guarded = [sys.executable, "-m", "fedlora.deploy.guard", *cmd]
-    return subprocess.Popen(guarded, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    if log_path is None:
+        return subprocess.Popen(
+            guarded, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+        )
+    with open(log_path, "ab") as out:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(guarded, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
