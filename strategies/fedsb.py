@@ -146,9 +146,6 @@ def pad_to_rank(
     """A matrix narrower than the rank has fewer singular directions than R has rows: zero
     columns of B and rows of A fill the rest. s B R A ignores those rows and columns of R,
     and their gradient is zero, so they never act."""
-    k = r0.shape[0]
-    if k == rank:
-        return b, a, r0
-    b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
-    a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
-    return b, a, torch.nn.functional.pad(r0, (0, rank - k, 0, rank - k))
+    missing = rank - r0.shape[0]
+    pad = torch.nn.functional.pad
+    return pad(b, (0, missing)), pad(a, (0, 0, 0, missing)), pad(r0, (0, missing, 0, missing))

@@ -4,6 +4,7 @@ death) stops everything it started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,11 +44,9 @@ def start(cmd: Sequence[str], env: dict[str, str], log_path: Path | None, cwd: P
     """``cmd`` under ``fedlora.deploy.guard`` in a new session: stopping the returned process's
     group stops everything ``cmd`` started, and so does our own death."""
     guarded = [sys.executable, "-m", "fedlora.deploy.guard", *cmd]
-    if log_path is None:
-        return subprocess.Popen(
-            guarded, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
-        )
-    with open(log_path, "ab") as out:  # the child holds its own copy of the descriptor
+    # the child holds its own copy of the log's descriptor; ours closes at once
+    log = open(log_path, "ab") if log_path is not None else contextlib.nullcontext(subprocess.PIPE)
+    with log as out:
         return subprocess.Popen(guarded, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
 
 
