@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.config import RunConfig
 from fedlora.config.server_settings import read_server_settings
 from fedlora.errors import UserError
+from fedlora.flower.simulation import clients_train_on_cpu
 from fedlora.server.federation import Federation
 
 log = logging.getLogger("fedlora")
@@ -108,6 +109,7 @@ def main(grid: Grid, context: Context) -> None:
         resume=resume,
         stale_nodes_s=stale_s,
         client_state_dir=out_dir / "clients" if virtual else None,
+        evaluate_beside_training=not (virtual and clients_train_on_cpu(cfg)),
     )
     summary = federation.run()
     accuracy = summary["final_accuracy"]

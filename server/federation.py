@@ -96,6 +96,8 @@ class Federation:
     With ``resume``, continue from the last checkpoint in ``out_dir``. ``stale_nodes_s``:
     how long the grid may still list clients that were connected before a crash.
     ``client_state_dir`` (simulation): where simulated clients keep their accountants.
+    ``evaluate_beside_training``: evaluate a round while the next one trains; off where the
+    clients train on this machine's cores, which the evaluation would only take from them.
     """
 
     def __init__(
@@ -108,9 +110,11 @@ class Federation:
         resume: bool = False,
         stale_nodes_s: float = 0.0,
         client_state_dir: Path | None = None,
+        evaluate_beside_training: bool = True,
     ):
         self.grid, self.cfg, self.out_dir, self.progress = grid, cfg, out_dir, progress
         self.resume, self.stale_nodes_s, self.client_state_dir = resume, stale_nodes_s, client_state_dir
+        self.evaluate_beside_training = evaluate_beside_training
         self.metrics_path = out_dir / "metrics.jsonl"
         self.records: list[RoundRecord] = []
         self.init_bytes = {"bytes_up": 0, "bytes_down": 0}
@@ -241,8 +245,8 @@ class Federation:
         """Send the round, aggregate the replies, and start evaluating the new global model.
 
         The evaluation runs beside the next round's training (which does not depend on it)
-        and completes this round's record, metrics line and checkpoint; the last round's is
-        waited for here."""
+        and completes this round's record, metrics line and checkpoint; the last round's, and
+        every round's without ``evaluate_beside_training``, is waited for here."""
         t0 = time.perf_counter()
         bridge = self.bridge
         replies = send_and_receive(self.grid, bridge.configure_train(rnd, None, None, self.grid))
@@ -252,7 +256,7 @@ class Federation:
         t_done = time.perf_counter()
         record = self._unevaluated_record(rnd, aggregate_seconds=t_done - t_agg, seconds=t_done - t0)
         self._evaluation = self._eval_pool.submit(self._evaluate, record, bridge.global_state)
-        if rnd == self.cfg.rounds:
+        if rnd == self.cfg.rounds or not self.evaluate_beside_training:
             self.settle_evaluation(count_wait=True)
 
     def settle_evaluation(self, count_wait: bool = False) -> None:

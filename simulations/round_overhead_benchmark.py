@@ -50,8 +50,9 @@ def checkpoint_seconds(run_dir: Path, repeats: int = 5) -> float:
 
 
 def breakdown(m: dict, checkpoint_s: float, waited_for_evaluation: bool) -> dict[str, float]:
-    """A round's parts. Its evaluation runs beside the next round's training, so only the
-    last round (which waits for its own) counts it in its time."""
+    """A round's parts. A round counts its evaluation in its time only where it waited for
+    it: the last round, and every round of a simulation whose clients train on the CPU;
+    otherwise the evaluation runs beside the next round's training."""
     client_other = m["client_seconds"] - m["train_seconds"]
     evaluation = m["eval_seconds"] if waited_for_evaluation else 0.0
     transport = m["seconds"] - m["client_seconds"] - m["aggregate_seconds"] - evaluation
@@ -63,6 +64,15 @@ def breakdown(m: dict, checkpoint_s: float, waited_for_evaluation: bool) -> dict
         "evaluation, waited for": evaluation,
         "checkpoint": checkpoint_s,
     }
+
+
+def evaluates_before_next_round(run_dir: Path) -> bool:
+    """A simulation on this machine waits for each round's evaluation where its clients
+    train on the CPU (server/app.py)."""
+    from fedlora.config import RunConfig
+    from fedlora.flower.simulation import clients_train_on_cpu
+
+    return clients_train_on_cpu(RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())))
 
 
 def deploy(tmp: Path, run_dir: Path, extra: list[str], pin: bool = False) -> None:
@@ -142,7 +152,11 @@ def main() -> None:
             print_deployed(metrics, run_dir)
     if any("client_seconds" not in m for m in metrics):
         raise SystemExit("this run predates the timing fields (client_seconds, aggregate_seconds)")
-    rows = [breakdown(m, ckpt, waited_for_evaluation=i == len(metrics) - 1) for i, m in enumerate(metrics)]
+    every_round_waits = not args.deployed and evaluates_before_next_round(run_dir)
+    rows = [
+        breakdown(m, ckpt, waited_for_evaluation=every_round_waits or i == len(metrics) - 1)
+        for i, m in enumerate(metrics)
+    ]
     steady = rows[1:-1] or rows[1:] or rows
     parts = {k: statistics.mean(r[k] for r in steady) for k in steady[0]}
     total = sum(parts.values())
@@ -158,9 +172,13 @@ def main() -> None:
     overhead = total - parts["local training"]
     print(f"\nround overhead (everything but local training): {overhead:.2f} s = {overhead / total:.1%} of the round")
     evaluation = statistics.mean(m["eval_seconds"] for m in metrics[1:-1] or metrics)
+    when = (
+        "before the next round's training (the clients train on this CPU)"
+        if every_round_waits
+        else "beside the next round's training (the last round waits for its own)"
+    )
     print(
-        f"evaluation of each round on {metrics[-1].get('eval_examples', '?')} held-out examples: {evaluation:.2f} s,"
-        " beside the next round's training (the last round waits for its own)"
+        f"evaluation of each round on {metrics[-1].get('eval_examples', '?')} held-out examples: {evaluation:.2f} s, {when}"
     )
     final_s = summary.get("final_eval_seconds", 0.0)
     if final_s:

@@ -99,9 +99,14 @@ def quiet_flower() -> None:
     warnings.filterwarnings("ignore")
 
 
+def clients_train_on_cpu(cfg: RunConfig) -> bool:
+    """Simulated clients train on this machine's CPU: no GPU share asked for, or no CUDA."""
+    return cfg.gpus_per_client == 0 or not torch.cuda.is_available()
+
+
 def simulated_client_resources(cfg: RunConfig, cpus: int, progress=print) -> dict[str, float]:
     """Ray's resources per client for this run on this machine; says how clients share a GPU."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.gpus_per_client != 0 else 0
+    gpus = 0 if clients_train_on_cpu(cfg) else torch.cuda.device_count()
     if gpus == 0:
         # one worker using every core: clients train one after another, each at full speed,
         # and the base model sits in memory once
