@@ -24,6 +24,7 @@ from fedlora.deploy.processes import (
     free_loopback_port,
     last_line,
     parse_address,
+    runs_flower_app,
     start,
     stop,
     terminate_on_sigterm,
@@ -215,13 +216,14 @@ def follow_run(
             raise UserError(f"the SuperLink exited with status {superlink.returncode}: {last_line(superlink_log)}")
         now = time.monotonic()
         last_news = now if lines else last_news
-        # each flwr call costs a second of CPU: ask only after a quiet spell (a run that failed
-        # writes no more progress)
         if any(line.startswith(FINISHED) for line in lines):  # this run's lines, not a resumed one's
             # the ServerApp's last line, written after all its outputs: the run completed. Flower
             # reports it finished only once its runtime has wound down, up to 20 s later.
             return
-        if now - last_ask < STATUS_EVERY_S or now - last_news < STATUS_EVERY_S:
+        # each flwr call costs a second of CPU, taken from the clients in a simulation: ask only
+        # after a quiet spell, and not while the ServerApp's process lives (a run that failed
+        # writes no more progress; one whose app is alive is still running)
+        if now - last_ask < STATUS_EVERY_S or now - last_news < STATUS_EVERY_S or runs_flower_app(superlink):
             continue
         last_ask = now
         runs = cli.call("ls", "--run-id", str(run_id)).get("runs", [])

@@ -15,7 +15,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from fedlora.errors import UserError
+
+FLOWER_APP_RUNTIMES = ("flwr-simulation", "flwr-serverapp")  # the processes a ServerApp runs in
 
 
 def flower_executable(name: str) -> str:
@@ -67,6 +71,22 @@ def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         break
+
+
+def runs_flower_app(root: subprocess.Popen) -> bool:
+    """Whether a process under ``root`` (a SuperLink we started) is running a ServerApp."""
+    try:
+        tree = psutil.Process(root.pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for proc in tree:
+        try:
+            command = proc.cmdline()[:2]  # the executable, or an interpreter and its script
+        except psutil.Error:
+            continue
+        if any(Path(part).name in FLOWER_APP_RUNTIMES for part in command):
+            return True
+    return False
 
 
 def parse_address(address: str) -> tuple[str, int]:
