@@ -34,6 +34,7 @@ from fedlora.flower.messages import (
     RunFacts,
     decline,
 )
+from fedlora.flower.simulation import clients_train_on_cpu
 from fedlora.io import wire
 from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
 from fedlora.io.report import write_json_atomic
@@ -169,7 +170,7 @@ def pick_device(name: str) -> torch.device:
 def simulated_device(cfg: RunConfig) -> torch.device:
     """A simulated client trains on CUDA when Ray gave it a GPU share (``--gpus-per-client``,
     by default whenever CUDA is present), else on the CPU."""
-    return torch.device("cuda" if cfg.gpus_per_client != 0 and torch.cuda.is_available() else "cpu")
+    return torch.device("cpu" if clients_train_on_cpu(cfg) else "cuda")
 
 
 def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int, strategy: AdapterStrategy) -> None:
