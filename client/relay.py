@@ -7,7 +7,7 @@ launcher (``fedlora.deploy.trusted_app``) runs this relay in place of
 ``fedlora.client.app``. The relay hands the message and the node's context to the trainer
 over the agent's local channel (``fedlora.io.channel``) and returns the trainer's reply and
 the node state the trainer updated; the trainer runs the very handler
-``fedlora.client.app.train``. Whatever goes wrong on the way is a decline with a short
+``fedlora.client.handler.train``. Whatever goes wrong on the way is a decline with a short
 code (``agent-busy``, ``agent-error``), never an exception the coordinator would see.
 
 This module imports no torch: it is the whole of what each per-message process loads.

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Context, RecordDict
 from replies import FakeReply
 
-from fedlora.client.app import train
+from fedlora.client.handler import train
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
 from fedlora.flower.bridge import FlowerStrategy

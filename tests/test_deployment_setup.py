@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedlora.cli import main
-from fedlora.client.app import Declined, local_setup, pick_device
+from fedlora.client.handler import Declined, local_setup, pick_device
 from fedlora.config import RunConfig
 from fedlora.deploy.agent import check_agent, node_config
 from fedlora.deploy.certs import write_certificates

@@ -7,7 +7,7 @@ from conftest import make_tiny_bert
 from test_training_loop import Tokenizer, _data
 
 from fedlora.cli import main
-from fedlora.client.app import simulated_device
+from fedlora.client.handler import simulated_device
 from fedlora.config import RunConfig
 from fedlora.flower import simulation
 from fedlora.flower.simulation import client_resources, gpu_share, gpu_workers
@@ -185,7 +185,7 @@ def test_a_deployed_agent_quantizes_by_its_own_choice_not_the_coordinators(tmp_p
     from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
-    from fedlora.client.app import local_setup
+    from fedlora.client.handler import local_setup
     from fedlora.deploy.agent import node_config
     from fedlora.flower.messages import RunFacts
     from fedlora.io.agent_state import AgentPrivacy

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from test_agent_privacy import Grid, agent, coordinator, reply_of
 
-from fedlora.client.app import train
+from fedlora.client.handler import train
 from fedlora.client.relay import OP_TRAIN, REQUEST_FRAMES, relay
 from fedlora.deploy.processes import child_env
 from fedlora.deploy.trainer import ResidentTrainer, load_handler

@@ -1,7 +1,7 @@
 """``fedlora client``: a client agent, i.e. Flower's SuperNode with this machine's settings.
 
 The node config carries the data path, its size and digest, rank, device, the agent's own
-privacy settings and state folder; the ClientApp handler (``fedlora.client.app``) reads them
+privacy settings and state folder; the ClientApp's handler (``fedlora.client.handler``) reads them
 and only this machine's file. It runs in the agent's resident trainer
 (``fedlora.deploy.trainer``), which keeps the model and data loaded between messages; the
 ClientApp that the SuperNode starts per message only relays to it. Only fedlora's own

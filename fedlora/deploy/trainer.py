@@ -8,7 +8,7 @@ model, the tokenizer and the data in each cost more than the training itself. So
 it dies with the agent) before its SuperNode, and the ClientApp that Flower starts per
 message is a relay (``fedlora.client.relay``) that hands the message to it over the
 agent's local channel (``fedlora.io.channel``). The trainer answers with the ClientApp's
-own handler, ``fedlora.client.app.train``: the per-process caches of ``fedlora.ml.task``
+own handler, ``fedlora.client.handler.train``: the per-process caches of ``fedlora.ml.task``
 keep the model and data loaded between messages, while adapters, optimiser and DP state
 are set up per message exactly as in a fresh process.
 
@@ -55,7 +55,7 @@ STEADY_S = 120.0  # a trainer that lived this long resets the delay
 # ----- the trainer process -----------------------------------------------------------------
 def load_handler() -> Handler:
     """The ClientApp's own handler, behind the channel's request and reply frames."""
-    from fedlora.client.app import train  # lazy: torch and transformers, for the trainer process alone
+    from fedlora.client.handler import train  # lazy: torch and transformers, for the trainer process alone
     from fedlora.client.relay import decode_request, encode_reply  # lazy: Flower, for the trainer process alone
 
     def handle(header: dict, frames: list[bytes]) -> list[bytes]:

@@ -13,7 +13,7 @@ and the libraries this machine installed. Any other bundle is refused before it 
 An agent that runs a resident trainer (``fedlora.deploy.trainer``) writes its launcher
 with ``relay=True``: once the bundle has passed the check, the ClientApp that runs is
 ``fedlora.client.relay``, which hands the message to that trainer, in place of importing
-``fedlora.client.app`` (and torch) in every per-message process. Either way the code is
+``fedlora.client.handler`` (and torch) in every per-message process. Either way the code is
 the installed fedlora's, and only for a bundle that names ``fedlora.client.app:app``.
 """
 

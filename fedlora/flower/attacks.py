@@ -22,7 +22,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.client.app import train
+from fedlora.client.handler import train
 from fedlora.config import RunConfig
 from fedlora.flower.messages import RECORD
 from fedlora.io import wire
