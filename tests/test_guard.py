@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
+
+from fedlora.deploy.processes import kill_tree, start
 
 PARENT = """
 import subprocess, sys, time
@@ -142,3 +145,38 @@ except KeyboardInterrupt:
 def test_a_second_sigterm_does_not_interrupt_the_clean_up_of_the_first():
     proc = subprocess.run([sys.executable, "-c", STOPPED_TWICE], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "cleaned up", "")
+
+
+# A tree as Flower's simulation runtime leaves it: a child in a session of its own that
+# ignores SIGTERM, and its own child; the command itself ignores SIGTERM too.
+STUBBORN_TREE = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+time.sleep(300)
+"""
+
+
+def test_kill_tree_takes_down_a_guarded_tree_that_ignores_sigterm_at_once():
+    guard = start([sys.executable, "-c", STUBBORN_TREE], dict(os.environ), None)
+    pids = [int(pid) for pid in guard.stdout.readline().split()]
+    command = [p for p in _descendants(guard.pid) if p not in pids]
+    assert len(pids) == 2 and command
+    kill_tree(guard)
+    assert guard.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30  # killed ones linger as zombies until init reaps them
+    while time.monotonic() < deadline and any(_running(p) for p in [*pids, *command]):
+        time.sleep(0.1)
+    assert not any(_running(p) for p in [*pids, *command])
+
+
+def _descendants(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
