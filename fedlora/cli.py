@@ -206,15 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config_from_args(args: argparse.Namespace, command: str = SIMULATE) -> RunConfig:
-    """The settings of a fresh run: defaults, then the --config file, then the flags."""
-    from fedlora.strategies import check_strategy  # lazy: the registry imports torch
-
+    """The settings of a fresh run: defaults, then the --config file, then the flags. What
+    needs torch (the strategy's own limits, the data, the model) is ``check_inputs``'s."""
     cfg = RunConfig()
     if args.config:
         cfg.update(load_toml(args.config))
     cfg.update(flag_values(args, command))
     cfg.validate(command)
-    check_strategy(cfg)
     return cfg
 
 
@@ -261,7 +259,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _coordinator(args: argparse.Namespace) -> int:
     from fedlora.deploy.coordinator import check_deployment, coordinate  # lazy: startup
-    from fedlora.flower.simulation import check_inputs
+    from fedlora.flower.checks import check_inputs
 
     dep = check_deployment(args.address, args.tls_dir, args.insecure, args.auth_keys)
     if args.serve:
@@ -276,6 +274,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, dep: Any) -> int:
     from fedlora.deploy.coordinator import serve  # lazy: startup
     from fedlora.io.tracking import check_tracker
+    from fedlora.strategies import check_strategy  # lazy: the registry imports torch
 
     if not args.out:
         raise UserError("--serve needs --out: the folder for Flower's state and the runs' folders")
@@ -283,6 +282,7 @@ def _serve(args: argparse.Namespace, dep: Any) -> int:
         raise UserError(f"--control-port must be a port number, got {args.control_port}")
     dep.control_port = args.control_port
     cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb and --track hold for every run served
+    check_strategy(cfg)
     check_tracker(cfg.track, cfg.track_uri)  # before serving: every run would fail on it
     serve(dep, cfg, Path(args.out), resume=args.resume)
     return 0

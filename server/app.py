@@ -1,6 +1,10 @@
 """The coordinator's ServerApp, one for every way a run starts: ``fedlora simulate`` (under a
 SuperLink in simulation mode), ``fedlora coordinator`` (under a deployed SuperLink) and
-``flwr run .`` from a checkout (pyproject.toml's ``[tool.flwr.app]``, either federation)."""
+``flwr run .`` from a checkout (pyproject.toml's ``[tool.flwr.app]``, either federation).
+
+This module imports no torch: Flower loads the ServerApp and then the ClientApp under one
+lock, and its simulation runtime starts Ray only once both are loaded, so torch and the
+model code load inside ``main``, while Ray starts."""
 
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ from fedlora.config import RunConfig
 from fedlora.config.server_settings import read_server_settings
 from fedlora.errors import UserError
 from fedlora.flower.simulation import clients_train_on_cpu
-from fedlora.server.federation import Federation
 
 log = logging.getLogger("fedlora")
 
 # run-config keys that are not settings: the whole settings as JSON (what ``fedlora simulate``
-# and ``fedlora coordinator`` submit), the run folder, whether to resume and the progress
-# log's name in the run folder
-RUN_KEYS = ("fedlora-config", "out-dir", "resume", "log-name")
+# and ``fedlora coordinator`` submit), the run folder, whether to resume, the progress log's
+# name in the run folder and the file whose arrival releases a held run
+RUN_KEYS = ("fedlora-config", "out-dir", "resume", "log-name", "hold-until")
+HOLD_TIMEOUT_S = 600.0
 
 
 def simulated(grid: Grid) -> bool:
@@ -66,6 +70,19 @@ def check_simulated_nodes(grid: Grid, clients: int, timeout_s: float = 60.0) -> 
         )
 
 
+def wait_until_released(path: str, timeout_s: float = HOLD_TIMEOUT_S) -> None:
+    """``fedlora simulate`` submits its run while it still checks the inputs, so that Flower's
+    runtime starts meanwhile, and holds the ServerApp until ``path`` exists: bad input stops
+    the run before it has touched the run folder."""
+    if not path:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"the run waited {timeout_s:.0f} s for its input checks to release it ({path})")
+        time.sleep(0.05)
+
+
 app = ServerApp()
 
 
@@ -73,7 +90,10 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Progress lines go to stdout (``flwr run --stream`` shows them) and, with ``log-name``,
     to that file in the run folder, which ``fedlora simulate`` and ``fedlora coordinator`` echo."""
+    from fedlora.server.federation import Federation  # lazy: see the module's docstring
+
     run_config = context.run_config
+    wait_until_released(str(run_config.get("hold-until") or ""))
     cfg = run_settings(run_config)
     out_dir = run_folder(run_config, cfg).resolve()
     cfg.update(read_server_settings(out_dir, Path.cwd()))  # the coordinator's own, kept off the run config

@@ -55,6 +55,7 @@ fedlora-config = "{}"
 out-dir = ""
 resume = false
 log-name = ""
+hold-until = ""
 """
 ATTACK_CLIENTAPP = "fedlora.flower.attacks:app"  # simulation only
 TLS_FILES = ("ca.crt", "server.pem", "server.key")
@@ -118,18 +119,36 @@ class _Flower:
         self.exe = flower_executable("flwr")
 
     def call(self, *args: str) -> dict:
-        proc = subprocess.run([self.exe, *args, "--format", "json"], env=self.env, capture_output=True, text=True)
-        text = proc.stdout
+        return self.start(*args).result()
+
+    def start(self, *args: str) -> _FlowerCall:
+        """``flwr ARGS`` started, not waited for."""
+        cmd = [self.exe, *args, "--format", "json"]
+        return _FlowerCall(
+            subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+
+
+@dataclass
+class _FlowerCall:
+    proc: subprocess.Popen
+
+    def result(self) -> dict:
+        """Its JSON answer; UserError with Flower's reason when it failed."""
+        text, err = self.proc.communicate()
+        args = self.proc.args[1:3]
         try:
             result = json.loads(text[text.index("{") :])
         except ValueError:
             result = {}
-        if proc.returncode != 0 or not result.get("success", True):
-            detail = result.get("error-message") or (proc.stderr or text).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(
-                f"flwr {args[0]} {args[1] if len(args) > 1 else ''}: {detail if isinstance(detail, str) else detail[0]}"
-            )
+        if self.proc.returncode != 0 or not result.get("success", True):
+            detail = result.get("error-message") or (err or text).strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"flwr {' '.join(args)}: {detail if isinstance(detail, str) else detail[0]}")
         return result
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
 
 
 def key_fingerprint(path: Path) -> str:
@@ -180,7 +199,7 @@ def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
     write_json_atomic(path, now)
 
 
-def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_name: str) -> Path:
+def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_name: str, hold_until: str = "") -> Path:
     """The Flower app folder (just its pyproject) and the run config file for ``flwr run``.
     A simulation under attack runs the attacking ClientApp (``fedlora coordinator`` refuses
     attack settings). Flower hands a run's config to every SuperNode, so the coordinator's
@@ -195,7 +214,7 @@ def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_nam
     run_config.write_text(
         f"fedlora-config = {json.dumps(json.dumps(cfg.for_clients()))}\n"
         f"out-dir = {json.dumps(str(out_dir))}\nresume = {str(resume).lower()}\n"
-        f"log-name = {json.dumps(log_name)}\n"
+        f"log-name = {json.dumps(log_name)}\nhold-until = {json.dumps(hold_until)}\n"
     )
     return run_config
 

@@ -1,5 +1,7 @@
-"""``fedlora simulate``'s checks and Ray resources: the coordinator and N virtual clients on
-Flower's simulation runtime (Ray). ``fedlora.deploy.simulate`` starts the run."""
+"""``fedlora simulate``'s Ray resources: the coordinator and N virtual clients on Flower's
+simulation runtime (Ray). ``fedlora.deploy.simulate`` starts the run, ``fedlora.flower.checks``
+checks its inputs. Torch loads only where a function asks CUDA: ``fedlora simulate`` starts
+Flower's SuperLink before it imports torch and the model code."""
 
 from __future__ import annotations
 
@@ -11,39 +13,13 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.io.tracking import check_tracker
-from fedlora.ml.models import model_skeleton, resolve_model_path
-from fedlora.ml.quantize import require_quantization
-from fedlora.ml.task import check_target_modules, load_splits
 from fedlora.quiet import verbose
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy}"
-
-
-def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any worker starts, on bad config, data or model paths, and on a GPU
-    share or a quantization this machine cannot serve."""
-    cfg.validate()
-    check_tracker(cfg.track, cfg.track_uri)
-    check_hardware(cfg.gpus_per_client, cfg.quantize)
-    resolve_model_path(cfg.model, cfg.task)
-    splits = load_splits(cfg)
-    check_target_modules(cfg, max(len(splits.label_names), 1))
-
-
-def check_hardware(gpus_per_client: float | None, quantize: str) -> None:
-    """A GPU share needs CUDA; a quantized base needs a bitsandbytes that trains through it
-    on the device the clients use."""
-    cuda = torch.cuda.is_available()
-    if gpus_per_client and not cuda:
-        raise UserError(f"--gpus-per-client {gpus_per_client:g} needs CUDA, which this machine lacks (0: the CPU)")
-    require_quantization(quantize, "cuda" if cuda and gpus_per_client != 0 else "cpu")
 
 
 # What one simulated client holds on its GPU, estimated: a CUDA context and allocator slack,
@@ -84,6 +60,8 @@ def client_resources(share: float, cpus: int, gpus: int, clients: int) -> dict[s
 
 def base_parameters(cfg: RunConfig) -> int:
     """The base model's parameter count, read from its skeleton (no weights loaded)."""
+    from fedlora.ml.models import model_skeleton  # lazy: transformers, for a GPU share alone
+
     return sum(p.numel() for p in model_skeleton(cfg.model, cfg.task, 2, cfg.pooling).parameters())
 
 
@@ -101,11 +79,15 @@ def quiet_flower() -> None:
 
 def clients_train_on_cpu(cfg: RunConfig) -> bool:
     """Simulated clients train on this machine's CPU: no GPU share asked for, or no CUDA."""
+    import torch  # lazy: see the module's docstring
+
     return cfg.gpus_per_client == 0 or not torch.cuda.is_available()
 
 
 def simulated_client_resources(cfg: RunConfig, cpus: int, progress=print) -> dict[str, float]:
     """Ray's resources per client for this run on this machine; says how clients share a GPU."""
+    import torch  # lazy: see the module's docstring
+
     gpus = 0 if clients_train_on_cpu(cfg) else torch.cuda.device_count()
     if gpus == 0:
         # one worker using every core: clients train one after another, each at full speed,
