@@ -164,7 +164,8 @@ def test_kill_tree_takes_down_a_guarded_tree_that_ignores_sigterm_at_once():
     command = [p for p in _descendants(guard.pid) if p not in pids]
     assert len(pids) == 2 and command
     kill_tree(guard)
-    assert guard.returncode == -signal.SIGKILL
+    # killed by us, or ended by itself once its command was killed (128 + SIGKILL)
+    assert guard.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
     deadline = time.monotonic() + 30  # killed ones linger as zombies until init reaps them
     while time.monotonic() < deadline and any(_running(p) for p in [*pids, *command]):
         time.sleep(0.1)
