@@ -7,6 +7,7 @@ from fedlora.errors import UserError
 from fedlora.ml.adapters import LoRASpec
 from fedlora.ml.task import lora_spec
 from fedlora.strategies.base import AdapterStrategy, FederatedInit, PerClientRank
+from fedlora.strategies.combine import Combine
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.fedsb import FedSB
 from fedlora.strategies.ffa import FFALoRA
@@ -24,12 +25,20 @@ def check_strategy(cfg: RunConfig) -> type[AdapterStrategy]:
     if cfg.ranks and not issubclass(cls, PerClientRank):
         capable = ", ".join(n for n, c in REGISTRY.items() if issubclass(c, PerClientRank))
         raise UserError(f"--ranks (one rank per client) needs --strategy {capable}; use --rank otherwise")
+    if cfg.robust_aggregate != "mean" and not cls.linear:
+        linear = ", ".join(n for n, c in REGISTRY.items() if c.linear)
+        raise UserError(
+            f"--robust-aggregate {cfg.robust_aggregate} combines what clients send entry by entry, which is "
+            f"not a combination of their updates for --strategy {cfg.strategy}: use it with {linear}, or mean"
+        )
     return cls
 
 
 def build_strategy(cfg: RunConfig) -> AdapterStrategy:
     """The strategy a run's settings describe."""
-    return check_strategy(cfg).from_config(lora_spec(cfg), cfg)
+    strategy = check_strategy(cfg).from_config(lora_spec(cfg), cfg)
+    strategy.combine = Combine(cfg.robust_aggregate, cfg.robust_trim)
+    return strategy
 
 
 def make_strategy(name: str, spec: LoRASpec, **options: float) -> AdapterStrategy:

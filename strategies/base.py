@@ -28,6 +28,7 @@ from fedlora.ml.adapters import (
     role_of,
     set_base_updates,
 )
+from fedlora.strategies.combine import Combine
 
 State = dict[str, torch.Tensor]
 Shape = tuple[int | None, ...]  # None: a free dimension (a client-chosen rank)
@@ -160,6 +161,10 @@ class AdapterStrategy:
     name: str = ""
     trained_roles: tuple[str, ...] = (ROLE_A, ROLE_B, ROLE_HEAD)
     frozen_roles: tuple[str, ...] = ()  # sent once to each client, kept by it
+    # the dense update is linear in every tensor clients send, so any entry-wise combination
+    # of them (a robust median, a masked sum) is a combination of the clients' dense updates
+    linear: bool = False
+    combine: Combine = Combine()  # how the kept updates combine (--robust-aggregate)
 
     def __init__(self, spec: LoRASpec):
         self.spec = spec
@@ -262,10 +267,17 @@ class AdapterStrategy:
     # ----- server side ----------------------------------------------------------------
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], round_num: int = 1) -> Aggregate:
         """Combine the clients' updates into the next global state: by default the
-        weighted mean of every tensor they sent, exact when the dense update is linear in it."""
+        weighted mean of every tensor they sent, exact when the dense update is linear in it;
+        a robust ``combine`` trades that exactness for a bounded minority's influence, and
+        the error against the weighted mean is what ``aggregation_error`` reports."""
         ws = weights(updates)
         means = exact_means(updates, ws)
-        new_state = {**global_state, **{n: t.to(torch.float32) for n, t in means.items()}}
+        combined = (
+            means
+            if self.combine.is_mean
+            else {name: self.combine([u.state[name] for u in updates], ws) for name in updates[0].state}
+        )
+        new_state = {**global_state, **{n: t.to(torch.float32) for n, t in combined.items()}}
         return Aggregate(new_state, self.aggregation_error(global_state, new_state, updates, ws, means))
 
     def aggregation_error(
@@ -331,6 +343,10 @@ class FederatedInit(ABC):
     @abstractmethod
     def init_reply(self, grads: dict[str, torch.Tensor]) -> State:
         """A client's reply, from its mean full-weight gradients."""
+
+    def init_outliers(self, grads: Sequence[ClientUpdate]) -> list[tuple[ClientUpdate, str]]:
+        """Replies that disagree with the rest and are left out, each with its reason."""
+        return []
 
     @abstractmethod
     def initialize(self, global_state: State, grads: Sequence[ClientUpdate]) -> State:

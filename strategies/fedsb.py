@@ -35,6 +35,10 @@ from fedlora.strategies.base import (
 GRAD_U = ".grad_us"  # U_k S_k: d_out x r
 GRAD_V = ".grad_v"  # V_k: d_in x r
 ORTHO_TOL = 0.05
+# A client with less than this share of the median client's sketch energy inside the others'
+# consensus subspace is left out of the initialisation (direction_benchmark.py: an orthogonal
+# capture attempt keeps 0.2-0.4 of the median client's share, honest clients near 1)
+OUTLIER_SHARE = 0.5
 
 
 def sketch_gradient(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,14 +55,17 @@ class FedSB(AdapterStrategy, FederatedInit):
     name = "fedsb"
     trained_roles = (ROLE_R, ROLE_HEAD)
     frozen_roles = (ROLE_A, ROLE_B)
+    linear = True  # s·B·R·A with A and B fixed
 
-    def __init__(self, spec: LoRASpec, init_step: float = 1e-3):
+    def __init__(self, spec: LoRASpec, init_step: float = 1e-3, guard_init: bool = True):
         super().__init__(with_rank(spec, spec.rank, with_r=True))
         self.init_step = init_step
+        self.guard_init = guard_init  # spectra capped, outlier sketches left out (off with the norm screen)
 
     @classmethod
     def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> FedSB:
-        return cls(spec, init_step=cfg.lr)  # LoRA-SB: one step of the local learning rate
+        # LoRA-SB: one step of the local learning rate
+        return cls(spec, init_step=cfg.lr, guard_init=cfg.robust_norm_multiple > 0)
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:
         return self.spec
@@ -122,16 +129,49 @@ class FedSB(AdapterStrategy, FederatedInit):
             out[f"{m}{GRAD_U}"], out[f"{m}{GRAD_V}"] = sketch_gradient(g, self.spec.rank)
         return out
 
+    def init_outliers(self, grads: Sequence[ClientUpdate]) -> list[tuple[ClientUpdate, str]]:
+        """The clients whose sketches lie outside the others' consensus subspace: their share of
+        sketch energy inside the top-r subspace of the other clients' (spectrum-capped) mean is
+        below ``OUTLIER_SHARE`` x the median client's share, summed over modules. Needs three
+        clients: with two there is no majority to agree with."""
+        if len(grads) < 3 or not self.guard_init:
+            return []
+        inside = torch.zeros(len(grads), dtype=torch.float64)
+        total = torch.zeros(len(grads), dtype=torch.float64)
+        ws = weights(grads)
+        for m in self.module_shapes:
+            sketches = cap_spectra([u.state[f"{m}{GRAD_U}"].to(torch.float64) for u in grads])
+            vs = [u.state[f"{m}{GRAD_V}"].to(torch.float64) for u in grads]
+            for k, us in enumerate(sketches):
+                others = [j for j in range(len(grads)) if j != k]
+                basis = top_left_subspace(
+                    [ws[j] * sketches[j] for j in others], [vs[j] for j in others], self.spec.rank
+                )
+                inside[k] += float(torch.sum((basis.T @ us) ** 2))
+                total[k] += float(torch.sum(us**2))
+        share = inside / total.clamp_min(1e-300)
+        threshold = OUTLIER_SHARE * float(share.median())
+        return [
+            (
+                u,
+                f"its initialisation sketch lies outside the other clients' subspace ({float(f):.2f} of its energy inside, median {float(share.median()):.2f})",
+            )
+            for u, f in zip(grads, share)
+            if float(f) < threshold
+        ]
+
     def initialize(self, global_state: State, grads: Sequence[ClientUpdate]) -> State:
-        """A, B, R0 from the truncated SVD of -η * (data-weighted mean of the gradient sketches)."""
+        """A, B, R0 from the truncated SVD of -η * (the combined gradient sketches): the
+        data-weighted mean (or ``combine``'s robust statistic) of U_k S_k V_kᵀ, each client's
+        spectrum first capped at the clients' median spectrum (``cap_spectra``)."""
         ws = weights(grads)
         r, s = self.spec.rank, self.spec.scaling
         state = dict(global_state)
         for m in self.module_shapes:
-            g = sum(
-                w * (u.state[f"{m}{GRAD_U}"].to(torch.float64) @ u.state[f"{m}{GRAD_V}"].to(torch.float64).T)
-                for u, w in zip(grads, ws)
-            )
+            sketches = [u.state[f"{m}{GRAD_U}"].to(torch.float64) for u in grads]
+            sketches = cap_spectra(sketches) if self.guard_init else sketches
+            dense = [us @ u.state[f"{m}{GRAD_V}"].to(torch.float64).T for us, u in zip(sketches, grads)]
+            g = sum(w * d for d, w in zip(dense, ws)) if self.combine.is_mean else self.combine(dense, ws)
             u_mat, sing, vh = torch.linalg.svd(-self.init_step * g, full_matrices=False)
             b, a, r0 = pad_to_rank(u_mat[:, :r], vh[:r], torch.diag(sing[:r]) / s, r)
             state[f"{m}.{ROLE_B}.weight"] = b.contiguous().to(torch.float32)
@@ -149,3 +189,35 @@ def pad_to_rank(
     missing = rank - r0.shape[0]
     pad = torch.nn.functional.pad
     return pad(b, (0, missing)), pad(a, (0, 0, 0, missing)), pad(r0, (0, missing, 0, missing))
+
+
+def cap_spectra(sketches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each client's U S with its i-th largest singular value capped at the clients' lower
+    median of their i-th largest. A client may then weigh like a typical one in every
+    direction, but cannot take over the frozen subspace by spreading a large effect over
+    many directions of its own: the honest clients' shared directions add up, its own do not.
+    Honest sketches of one gradient have similar spectra, so the cap rarely binds for them."""
+    if len(sketches) < 2:
+        return list(sketches)
+    norms = [us.norm(dim=0) for us in sketches]  # the singular values, one per column
+    width = max(n.shape[0] for n in norms)
+    ranked = torch.stack(
+        [torch.nn.functional.pad(n.sort(descending=True).values, (0, width - n.shape[0])) for n in norms]
+    )
+    median = ranked.median(0).values  # torch's median of an even count is the lower one
+    out = []
+    for us, n in zip(sketches, norms):
+        order = n.argsort(descending=True)
+        cap = torch.empty_like(n)
+        cap[order] = median[: n.shape[0]]
+        out.append(us * torch.where(n > cap, cap / n.clamp_min(1e-300), torch.ones_like(n)))
+    return out
+
+
+def top_left_subspace(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
+    """An orthonormal basis of the top-``rank`` left singular subspace of Σ L_k R_kᵀ, without
+    forming it: a QR of the stacked left factors, then an SVD in the small space."""
+    q, r_left = torch.linalg.qr(torch.cat(lefts, 1))
+    small = r_left @ torch.cat(rights, 1).T  # (Σ r_k) x d_in
+    u, _, _ = torch.linalg.svd(small, full_matrices=False)
+    return q @ u[:, :rank]

@@ -18,6 +18,7 @@ class FFALoRA(AdapterStrategy):
     name = "ffa"
     trained_roles = (ROLE_B, ROLE_HEAD)
     frozen_roles = (ROLE_A,)
+    linear = True  # s·B·A with A fixed
 
     def aggregation_error(
         self, global_state: State, new_state: State, updates: Sequence[ClientUpdate], ws: Sequence[float], means: State

@@ -1,15 +1,22 @@
-"""Bounding any one client's influence on the global model, before the strategy aggregates.
+"""Bounding any one client's influence on the global model, before and while the strategy aggregates.
 
-Pure math over client updates; the bridge calls it. Two defences, both on by default:
+Pure math over client updates; the bridge calls it. Three defences, the first two on by default:
 
 - **Weights.** A client's claimed data size is its aggregation weight; it is capped at
   ``weight_cap`` x the round's median claim, so a client claiming 10**15 examples weighs
   at most as much as ``weight_cap`` typical clients.
 - **Norms.** Each update's effect norm (what it does to the model, measured by the
-  strategy) is compared with ``multiple`` x a reference: the round's median effect norm
-  when there are at least two updates, else the median carried from the last round that
-  had one, else the absolute ``max_norm``. The screen never fails open: a lone update is
-  bounded too. Updates above the bound are clipped (direction kept) or rejected.
+  strategy) is compared with ``multiple`` x a reference: the round's median effect norm,
+  else the reference carried from earlier rounds, else the absolute ``max_norm``. The
+  screen never fails open (a lone update is bounded too), and a minority cannot drag it
+  down: a near-zero median does not count, and the reference falls by at most
+  ``REFERENCE_DECAY`` a round (a run's first round has no reference to hold it up). Updates above
+  the bound are clipped (direction kept) or rejected. This bounds magnitude.
+- **Direction** (``--robust-aggregate``). The weighted mean lets a minority within the
+  bounds steer the aggregate towards its own direction; a coordinate-wise median or
+  trimmed mean of what clients send bounds each coordinate by honest values, for any
+  minority below the statistic's breakdown point (half for the median, the trimmed share
+  for the trimmed mean). Only for strategies whose aggregate is linear in what is sent.
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ from fedlora.strategies.base import ClientUpdate, State
 NormOf = Callable[[State], float]
 Shrink = Callable[[State, float], State]
 CLIP_TRIES = 8  # shrinking a product of two trained factors (FedAvg) is not linear: re-measure
+# A median below this share of the reference (or, before there is one, of ``max_norm``)
+# does not set the scale: half of an even round sending almost nothing cannot shrink the
+# bound and so clip every honest update.
+TINY_EFFECT = 1e-6
+# The reference falls by at most this factor a round: honest updates shrink as training
+# settles, but a round in which a minority sends tiny updates cannot pull it down at once.
+REFERENCE_DECAY = 0.5
 
 
 @dataclass
@@ -57,14 +71,19 @@ class NormScreen:
         self.multiple = multiple
         self.mode = mode
         self.max_norm = max_norm
-        self.reference = reference  # the last round's median effect norm
+        self.reference = reference  # the median effect norm carried from earlier rounds
 
     def bound_for(self, norms: Sequence[float]) -> float:
+        """``multiple`` x the reference: the round's median effect norm, never below
+        ``REFERENCE_DECAY`` x the carried reference; a round whose median is missing (a lone
+        update) or tiny (a minority of near-zero updates in an even round) keeps the reference."""
         median = lower_median(norms) if len(norms) >= 2 else 0.0
-        if median > 0:
-            self.reference = median
-            return self.multiple * median
-        if self.reference is not None:
+        scale = self.reference if self.reference is not None else self.max_norm
+        tiny = TINY_EFFECT * scale if math.isfinite(scale) else 0.0
+        if median > tiny:
+            floor = REFERENCE_DECAY * self.reference if self.reference is not None else 0.0
+            self.reference = max(median, floor)
+        if self.reference is not None and self.reference > 0:
             return self.multiple * self.reference
         return self.max_norm
 

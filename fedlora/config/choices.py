@@ -11,6 +11,9 @@ PARTITIONS = ("iid", "dirichlet")
 POOLINGS = ("auto", "pooler", "mean")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 ROBUST_MODES = ("clip", "reject")
+# how the kept updates combine: the strategy's weighted mean, or coordinate-wise robust statistics
+# (linear strategies only: what clients send must combine entry by entry)
+ROBUST_AGGREGATES = ("mean", "trimmed-mean", "median")
 # the DP accountant that plans the noise and reports epsilon: PRV (tight) or RDP (looser; fedlora's before PRV)
 DP_ACCOUNTANTS = ("prv", "rdp")
 # how a client loads its frozen base model: full precision, or bitsandbytes 4-bit (NF4) or 8-bit (LLM.int8)
@@ -18,4 +21,4 @@ QUANTIZE = ("none", "4bit", "8bit")
 # experiment trackers (fedlora.io.tracking), each an optional extra of the same name
 TRACKERS = ("none", "tensorboard", "mlflow")
 # simulated hostile clients (fedlora.flower.attacks), named in a config file's [attack] table
-ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized")
+ATTACKS = ("scale", "claim-examples", "flora-rank1", "init-sketch", "nan", "oversized", "steer", "sketch-capture")

@@ -59,6 +59,7 @@ POSITIVE = Range(0, low_open=True)
 SHARE = Range(0, 1, low_open=True)
 STRICT_SHARE = Range(0, 1, low_open=True, high_open=True)
 UNIT = Range(0, 1)
+BELOW_HALF = Range(0, 0.5, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)

@@ -188,8 +188,9 @@ class FlowerStrategy(Strategy):
         screened = self.init_screen.screen(
             cap_weights([u for u, _ in valid], self.weight_cap), strategy.init_effect_norm, strategy.shrink_init
         )
+        screened.rejected += (outliers := strategy.init_outliers(screened.kept))
         self._count_screened(0, screened, stats)
-        grads = screened.kept
+        grads = [u for u in screened.kept if all(u is not o for o, _ in outliers)]
         stats.clients = len(grads)
         if not grads:
             return False
