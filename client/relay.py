@@ -84,7 +84,7 @@ def max_update_bytes(msg: Message) -> int:
     try:
         settings = json.loads(str(msg.content[RECORD]["run_config"]))
         mb = int(settings.get("max_update_mb", DEFAULT_MAX_UPDATE_MB))
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError):  # inf; "[[[..."
         mb = DEFAULT_MAX_UPDATE_MB
     return max(1, min(mb, 1 << 20)) * MB
 

@@ -22,6 +22,10 @@ def capped_superlink(tmp_path):
         "fedlora.deploy.superlink",
         "--max-message-bytes",
         str(CAP),
+        "--max-reply-bytes",
+        str(CAP),
+        "--max-reply-objects",
+        "16",
         "--insecure",
         "--fleet-api-address",
         f"127.0.0.1:{fleet}",
@@ -62,10 +66,27 @@ def test_the_cap_follows_the_update_limit():
     assert superlink_message_cap(64) == 128 * 1024 * 1024
 
 
-def test_a_bad_cap_is_one_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", "lots"],
-        capture_output=True,
-        text=True,
-    )
+@pytest.mark.parametrize(
+    "limits",
+    [
+        ["--max-message-bytes", "lots"],
+        ["--max-message-bytes", "9", "--max-reply-bytes", "9"],  # every bound is required
+        ["--max-message-bytes", "9", "--max-reply-bytes", "9", "--max-reply-objects", "0"],
+        ["--max-message-bytes", "9", "--max-reply-bytes", "9", "--max-reply-objects", "9", "--max-reply-bytes", "9"],
+        # the reply bound covers the gRPC-rere Fleet API only
+        [
+            "--max-message-bytes",
+            "9",
+            "--max-reply-bytes",
+            "9",
+            "--max-reply-objects",
+            "9",
+            "--fleet-api-type",
+            "grpc-adapter",
+        ],
+    ],
+)
+def test_a_bad_cap_is_one_line(limits):
+    proc = subprocess.run([sys.executable, "-m", "fedlora.deploy.superlink", *limits], capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip().startswith("usage:") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -74,6 +74,12 @@ def superlink_message_cap(max_update_mb: int) -> int:
     return 2 * max_update_mb * 1024 * 1024
 
 
+# A reply's object tree: a fedlora reply (or decline) is 4 objects (the message, its
+# records, the payload, the metrics); a ClientApp error is 1. Its bytes in all are bounded
+# by the message cap.
+MAX_REPLY_OBJECTS = 16
+
+
 @dataclass
 class Deployment:
     address: str  # HOST:PORT the client agents connect to
@@ -283,6 +289,7 @@ def _start_superlink(
     control_port = control_port or free_loopback_port()
     flower_executable("flower-superlink")  # a clear error where flwr is missing
     cmd = [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", str(max_message_bytes)]
+    cmd += ["--max-reply-bytes", str(max_message_bytes), "--max-reply-objects", str(MAX_REPLY_OBJECTS)]
     if dep.tls_dir is None:
         cmd.append("--insecure")
     else:

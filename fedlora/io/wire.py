@@ -21,6 +21,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 100_000  # a large decoder's adapters are a few thousand tensors
 MAX_DIMS = 8
 MAX_DIM = 1 << 24  # per dimension; far above any vocabulary or hidden size
+MAX_ELEMENTS = 1 << 40  # per tensor, an empty one's zero dimensions counted as 1
 MAX_EXAMPLES = 10**12  # a claimed data size beyond this is not a client's
 
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -149,9 +150,14 @@ def _check_name(name: str, seen: Mapping[str, torch.Tensor]) -> str:
 
 
 def _check_shape(name: str, shape: list[int]) -> None:
-    """Before anything is allocated: a bounded number of bounded dimensions (an empty
-    tensor's other dimensions could otherwise overflow an allocator's size arithmetic)."""
-    if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
+    """Before anything is allocated: a bounded number of bounded dimensions whose product,
+    zeros counted as 1, is bounded too (an empty tensor's other dimensions would otherwise
+    overflow torch's int64 stride and storage arithmetic: a RuntimeError)."""
+    if (
+        len(shape) > MAX_DIMS
+        or any(not 0 <= d <= MAX_DIM for d in shape)
+        or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS
+    ):
         raise InvalidUpdate(f"tensor {name!r} has an invalid shape {shape[: MAX_DIMS + 1]}")
 
 
