@@ -107,7 +107,7 @@ def steering_cosine(
 
 def capture_share(d: Defences, honest: int, seed: int, dim: int, rank: int = 8, attack: bool = True) -> float:
     spec = LoRASpec(rank=rank, alpha=2.0 * rank, target_modules=("q",))
-    strategy = make_strategy("fedsb", spec, guard_init=d.guard_init)
+    strategy = make_strategy("fedsb", spec)
     strategy.combine = d.combine
     gen = torch.Generator().manual_seed(seed)
     state = strategy.setup({A: torch.zeros(rank, dim), B: torch.zeros(dim, rank)})
@@ -130,9 +130,8 @@ def capture_share(d: Defences, honest: int, seed: int, dim: int, rank: int = 8, 
         updates[-1] = ClientUpdate(honest, {MODULE + GRAD_U: u_att, MODULE + GRAD_V: basis_v[:, rank:]}, CLAIM)
     screen = NormScreen(d.multiple, "clip", DEFAULTS.robust_max_norm)
     kept = screen.screen(cap_weights(updates, d.weight_cap), strategy.init_effect_norm, strategy.shrink_init).kept
-    if d.guard_init:  # as the bridge: sketches outside the consensus are left out
-        outliers = strategy.init_outliers(kept)
-        kept = [u for u in kept if all(u is not o for o, _ in outliers)]
+    if d.guard_init:  # as the bridge with the defences on
+        kept, _ = strategy.guard_init(kept)
     b = strategy.initialize(state, kept)[B].to(torch.float64)
     att = basis_u[:, rank:].to(torch.float64)
     return float(torch.sum((att.T @ b) ** 2)) / rank

@@ -344,9 +344,10 @@ class FederatedInit(ABC):
     def init_reply(self, grads: dict[str, torch.Tensor]) -> State:
         """A client's reply, from its mean full-weight gradients."""
 
-    def init_outliers(self, grads: Sequence[ClientUpdate]) -> list[tuple[ClientUpdate, str]]:
-        """Replies that disagree with the rest and are left out, each with its reason."""
-        return []
+    def guard_init(self, grads: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], list[tuple[ClientUpdate, str]]]:
+        """With the defences on: the replies kept (possibly bounded further) and those left
+        out, each with its reason; by default all are kept as they are."""
+        return list(grads), []
 
     @abstractmethod
     def initialize(self, global_state: State, grads: Sequence[ClientUpdate]) -> State:

@@ -15,6 +15,7 @@ centrally on the union of all clients' data).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -57,15 +58,13 @@ class FedSB(AdapterStrategy, FederatedInit):
     frozen_roles = (ROLE_A, ROLE_B)
     linear = True  # s·B·R·A with A and B fixed
 
-    def __init__(self, spec: LoRASpec, init_step: float = 1e-3, guard_init: bool = True):
+    def __init__(self, spec: LoRASpec, init_step: float = 1e-3):
         super().__init__(with_rank(spec, spec.rank, with_r=True))
         self.init_step = init_step
-        self.guard_init = guard_init  # spectra capped, outlier sketches left out (off with the norm screen)
 
     @classmethod
     def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> FedSB:
-        # LoRA-SB: one step of the local learning rate
-        return cls(spec, init_step=cfg.lr, guard_init=cfg.robust_norm_multiple > 0)
+        return cls(spec, init_step=cfg.lr)  # LoRA-SB: one step of the local learning rate
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:
         return self.spec
@@ -129,18 +128,37 @@ class FedSB(AdapterStrategy, FederatedInit):
             out[f"{m}{GRAD_U}"], out[f"{m}{GRAD_V}"] = sketch_gradient(g, self.spec.rank)
         return out
 
-    def init_outliers(self, grads: Sequence[ClientUpdate]) -> list[tuple[ClientUpdate, str]]:
-        """The clients whose sketches lie outside the others' consensus subspace: their share of
-        sketch energy inside the top-r subspace of the other clients' (spectrum-capped) mean is
-        below ``OUTLIER_SHARE`` x the median client's share, summed over modules. Needs three
-        clients: with two there is no majority to agree with."""
-        if len(grads) < 3 or not self.guard_init:
-            return []
+    def guard_init(self, grads: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], list[tuple[ClientUpdate, str]]]:
+        """A and B stay frozen for the whole run, so no client may claim their subspace.
+        With three or more clients, a sketch with less than ``OUTLIER_SHARE`` x the median
+        client's share of its energy inside the top-r subspace of the other clients'
+        (spectrum-capped) mean is left out: there is a majority to agree with. Then every kept
+        sketch's spectrum is capped at the median spectrum (``cap_spectra``)."""
+        rejected = []
+        if len(grads) >= 3:
+            share = self._consensus_shares(grads)
+            median = float(share.median())
+            rejected = [
+                (
+                    u,
+                    f"its initialisation sketch lies outside the other clients' subspace ({f:.2f} of its energy inside, median {median:.2f})",
+                )
+                for u, f in zip(grads, share.tolist())
+                if f < OUTLIER_SHARE * median
+            ]
+        kept = [u for u in grads if all(u is not r for r, _ in rejected)]
+        for m in self.module_shapes:
+            capped = cap_spectra([u.state[f"{m}{GRAD_U}"] for u in kept])
+            kept = [replace(u, state={**u.state, f"{m}{GRAD_U}": us.to(torch.float32)}) for u, us in zip(kept, capped)]
+        return kept, rejected
+
+    def _consensus_shares(self, grads: Sequence[ClientUpdate]) -> torch.Tensor:
+        """Per client, the share of its (capped) sketch energy inside the others' consensus, over all modules."""
         inside = torch.zeros(len(grads), dtype=torch.float64)
         total = torch.zeros(len(grads), dtype=torch.float64)
         ws = weights(grads)
         for m in self.module_shapes:
-            sketches = cap_spectra([u.state[f"{m}{GRAD_U}"].to(torch.float64) for u in grads])
+            sketches = cap_spectra([u.state[f"{m}{GRAD_U}"] for u in grads])
             vs = [u.state[f"{m}{GRAD_V}"].to(torch.float64) for u in grads]
             for k, us in enumerate(sketches):
                 others = [j for j in range(len(grads)) if j != k]
@@ -149,28 +167,18 @@ class FedSB(AdapterStrategy, FederatedInit):
                 )
                 inside[k] += float(torch.sum((basis.T @ us) ** 2))
                 total[k] += float(torch.sum(us**2))
-        share = inside / total.clamp_min(1e-300)
-        threshold = OUTLIER_SHARE * float(share.median())
-        return [
-            (
-                u,
-                f"its initialisation sketch lies outside the other clients' subspace ({float(f):.2f} of its energy inside, median {float(share.median()):.2f})",
-            )
-            for u, f in zip(grads, share)
-            if float(f) < threshold
-        ]
+        return inside / total.clamp_min(1e-300)
 
     def initialize(self, global_state: State, grads: Sequence[ClientUpdate]) -> State:
         """A, B, R0 from the truncated SVD of -η * (the combined gradient sketches): the
-        data-weighted mean (or ``combine``'s robust statistic) of U_k S_k V_kᵀ, each client's
-        spectrum first capped at the clients' median spectrum (``cap_spectra``)."""
+        data-weighted mean (or ``combine``'s robust statistic) of U_k S_k V_kᵀ."""
         ws = weights(grads)
         r, s = self.spec.rank, self.spec.scaling
         state = dict(global_state)
         for m in self.module_shapes:
-            sketches = [u.state[f"{m}{GRAD_U}"].to(torch.float64) for u in grads]
-            sketches = cap_spectra(sketches) if self.guard_init else sketches
-            dense = [us @ u.state[f"{m}{GRAD_V}"].to(torch.float64).T for us, u in zip(sketches, grads)]
+            dense = [
+                u.state[f"{m}{GRAD_U}"].to(torch.float64) @ u.state[f"{m}{GRAD_V}"].to(torch.float64).T for u in grads
+            ]
             g = sum(w * d for d, w in zip(dense, ws)) if self.combine.is_mean else self.combine(dense, ws)
             u_mat, sing, vh = torch.linalg.svd(-self.init_step * g, full_matrices=False)
             b, a, r0 = pad_to_rank(u_mat[:, :r], vh[:r], torch.diag(sing[:r]) / s, r)
@@ -197,8 +205,9 @@ def cap_spectra(sketches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     direction, but cannot take over the frozen subspace by spreading a large effect over
     many directions of its own: the honest clients' shared directions add up, its own do not.
     Honest sketches of one gradient have similar spectra, so the cap rarely binds for them."""
+    sketches = [us.to(torch.float64) for us in sketches]
     if len(sketches) < 2:
-        return list(sketches)
+        return sketches
     norms = [us.norm(dim=0) for us in sketches]  # the singular values, one per column
     width = max(n.shape[0] for n in norms)
     ranked = torch.stack(

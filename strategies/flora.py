@@ -7,12 +7,26 @@ base weights: the global state keeps each round's stacked pair as
 receives the pairs of every round it has not seen yet, so one that missed rounds
 still rebuilds the right base weights. The head is averaged as in FedAvg.
 
-The history is bounded: once a module's stacked rank passes ``history_rank``, every round
-before the latest is folded into one base pair ``merged.0.<module>...`` by an SVD of their
-summed product. A module whose smaller side is at most ``history_rank`` keeps every
-direction, so the fold is exact; a larger one keeps the top ``history_rank // 2``. A client
-that receives a base drops the history it holds; catch-up never exceeds the base plus one
-round's stack. What a truncation drops shows in that round's ``aggregation_error``.
+The history is bounded, so that every download fits the transport: a module's merged
+history (every pair the global state keeps for it) never holds more than ``history_bound``
+ranks, whatever the number of clients. ``setup`` derives that bound from the module shapes:
+the largest rank at which every module's whole history, with the head and the payload's
+headers, at the wire dtype, fits in ``download_bytes`` (``--max-update-mb``, at most the
+decoder's limit: a download no larger than the largest update a client may send), and
+never above ``history_rank``. Any catch-up is a part of that history, so no download passes it.
+
+When a round would take a module past the bound, its whole history, this round included,
+is re-factorised by an SVD of its product, taken in the small space (a QR of each stacked
+factor, then the SVD of their R x R core, min(d_out, n) x min(d_in, n) for n stacked ranks;
+no larger product is formed), into the base pair ``merged.0.<module>`` and, for the fold's
+last kept direction, the round's own pair: a client that held the round before sees a
+newer round and fetches the base with it. The product has rank at most min(d_out, d_in),
+so a module whose smaller side is at most the bound keeps every direction and the fold is
+exact, however many ranks the round stacked (65 clients at rank 8 included); a larger one
+keeps its top ``history_bound`` directions. ``aggregation_error`` measures what the stored
+history really changed (old pairs out, new ones in) against Σ p_k ΔW_k, so what a
+truncation drops, and the float32 rounding of a re-factorised history, show in that
+round's error. A client that receives a base drops the history it holds.
 """
 
 from __future__ import annotations
@@ -22,6 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fedlora.config import RunConfig
+from fedlora.io.wire import DEFAULT_MAX_BYTES, WIRE_DTYPES
 from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD, LoRASpec, module_of, reset_adapters, role_of
 from fedlora.strategies.base import (
     MERGED,
@@ -32,17 +48,19 @@ from fedlora.strategies.base import (
     Shape,
     State,
     UpdateRejected,
-    lora_deltas,
-    mean_of_deltas,
-    relative_error,
     weighted_mean,
     weights,
     with_rank,
 )
 
 MAX_RANK = 64  # a client-chosen rank; more would only help a client outweigh the others
-HISTORY_RANK = 512
+HISTORY_RANK = 512  # the most ranks a module's history keeps, however large a download may be
+MIN_HISTORY = 2  # the base and the round's own pair, one direction each
 BASE_ROUND = 0  # merged.0.*: the compressed history of every round before the base's first kept round
+MIB = 1024 * 1024
+PAYLOAD_OVERHEAD = 64 * 1024  # a download's header fields, generously
+TENSOR_OVERHEAD = 64  # one tensor's entry besides its name and data (role, shape, dtype, lengths), generously
+NUMERICAL_RANK = 1e-12  # singular values below this fraction of the largest are rounding, not directions
 
 
 def merged_round(name: str) -> int | None:
@@ -50,21 +68,85 @@ def merged_round(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def merged_name(round_num: int, module: str, role: str) -> str:
+    return f"merged.{round_num}.{module}.{role}.weight"
+
+
+def module_history(state: State, module: str) -> list[int]:
+    """The rounds whose pairs ``state`` keeps for ``module``, oldest first (the base's 0 first)."""
+    name = f"{module}.{ROLE_A}.weight"
+    return sorted(int(match.group(1)) for n in state if (match := MERGED.match(n)) and match.group(2) == name)
+
+
+def full_product(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Whether the small core would be the d_out x d_in product itself (n stacked ranks >= both sides)."""
+    return left.shape[1] >= max(left.shape[0], right.shape[1])
+
+
+def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``left @ right = u · diag(s) · vh`` (thin), from QRs of both factors and the SVD of the
+    core of their R factors: at most min(d_out, n) x min(d_in, n) for n stacked ranks."""
+    if full_product(left, right):
+        return torch.linalg.svd(left @ right, full_matrices=False)
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    return q_left @ u, s, vh @ q_right.T
+
+
+def product_sq_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+    """||left @ right||_F², through the same small core."""
+    if full_product(left, right):
+        return float(torch.sum((left @ right) ** 2))
+    return float(torch.sum((torch.linalg.qr(left).R @ torch.linalg.qr(right.T).R.T) ** 2))
+
+
 class FLoRA(AdapterStrategy, PerClientRank):
     name = "flora"
     trained_roles = (ROLE_A, ROLE_B, ROLE_HEAD)
 
-    def __init__(self, spec: LoRASpec, max_rank: int = MAX_RANK, history_rank: int = HISTORY_RANK):
+    def __init__(
+        self,
+        spec: LoRASpec,
+        max_rank: int = MAX_RANK,
+        history_rank: int = HISTORY_RANK,
+        download_bytes: int | None = None,
+        wire_dtype: str = "fp32",
+    ):
         super().__init__(spec)
         self.max_rank = max(max_rank, spec.rank)
-        self.history_rank = history_rank
+        self.history_rank = max(MIN_HISTORY, history_rank)
+        self.download_bytes = download_bytes  # None: no cap, history_rank alone bounds the history
+        self.wire_bytes = WIRE_DTYPES[wire_dtype].itemsize
+        self.history_bound = self.history_rank  # narrowed by setup, once the module shapes are known
+
+    @classmethod
+    def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> FLoRA:
+        # a download within one update's limit: the SuperLink's cap is twice that, and clients decode at most 256 MiB
+        download = min(cfg.max_update_mb * MIB, DEFAULT_MAX_BYTES)
+        return cls(spec, download_bytes=download, wire_dtype=cfg.wire_dtype)
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:
         return with_rank(self.spec, rank or self.spec.rank)
 
     def setup(self, initial_state: State) -> State:
         super().setup(initial_state)
-        return {n: t for n, t in initial_state.items() if role_of(n) == ROLE_HEAD}
+        head = {n: t for n, t in initial_state.items() if role_of(n) == ROLE_HEAD}
+        self.history_bound = self.fitting_rank(head)
+        return head
+
+    def fitting_rank(self, head: State) -> int:
+        """The most ranks per module whose whole history, with ``head``, fits one download."""
+        if self.download_bytes is None or not self.module_shapes:
+            return self.history_rank
+        fixed = PAYLOAD_OVERHEAD + sum(t.numel() * self.wire_bytes + len(n) + TENSOR_OVERHEAD for n, t in head.items())
+        # per rank: its column of B and row of A, and at worst a pair of its own (a round of rank 1)
+        per_rank = sum(
+            (d_out + d_in) * self.wire_bytes + 2 * (len(merged_name(10**9, m, ROLE_A)) + TENSOR_OVERHEAD)
+            for m, (d_out, d_in) in self.module_shapes.items()
+        )
+        fits = (self.download_bytes - fixed) // per_rank
+        return max(MIN_HISTORY, min(self.history_rank, fits))  # below 2 no client's rank-2 update would fit either
 
     def catch_up(self, global_state: State, last_seen: int | None) -> State:
         """Every round after ``last_seen``; the whole (compressed) history for a client that
@@ -127,63 +209,66 @@ class FLoRA(AdapterStrategy, PerClientRank):
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], round_num: int = 1) -> Aggregate:
         ws = weights(updates)
         new_state = dict(global_state)
-        heads = [n for n in updates[0].state if role_of(n) == ROLE_HEAD]
-        for name in heads:
+        for name in (n for n in updates[0].state if role_of(n) == ROLE_HEAD):
             new_state[name] = weighted_mean([u.state[name] for u in updates], ws)
-        actual = {}
+        num = den = 0.0
         for m in self.module_shapes:
             a_parts, b_parts = [], []
             for u, w in zip(updates, ws):
                 a = u.state[f"{m}.{ROLE_A}.weight"].to(torch.float64)
-                scaling = self.spec.alpha / a.shape[0]
-                a_parts.append(w * scaling * a)
+                a_parts.append(w * (self.spec.alpha / a.shape[0]) * a)
                 b_parts.append(u.state[f"{m}.{ROLE_B}.weight"].to(torch.float64))
-            a_stack, b_stack = torch.cat(a_parts, 0).to(torch.float32), torch.cat(b_parts, 1).to(torch.float32)
-            new_state[f"merged.{round_num}.{m}.{ROLE_A}.weight"] = a_stack
-            new_state[f"merged.{round_num}.{m}.{ROLE_B}.weight"] = b_stack
-            # the global dense change this round, what a fold of the history drops included
-            actual[m] = b_stack.to(torch.float64) @ a_stack.to(torch.float64) + self._bound_history(
-                new_state, m, round_num
-            )
-        target = mean_of_deltas([lora_deltas(u.state, self.spec.alpha) for u in updates], ws)
-        return Aggregate(new_state, relative_error(actual, target))
+            stack = torch.cat(b_parts, 1), torch.cat(a_parts, 0)  # their product: Σ p_k s_k B_k A_k, the target
+            new_state[merged_name(round_num, m, ROLE_B)] = stack[0].to(torch.float32)
+            new_state[merged_name(round_num, m, ROLE_A)] = stack[1].to(torch.float32)
+            self._bound_history(new_state, m, round_num, stack)
+            # what the stored history changed (pairs dropped out, pairs come in) minus the target
+            lefts, rights = [-stack[0]], [stack[1]]
+            for state, sign in ((new_state, 1.0), (global_state, -1.0)):
+                other = global_state if sign > 0 else new_state
+                for r in module_history(state, m):
+                    b, a = state[merged_name(r, m, ROLE_B)], state[merged_name(r, m, ROLE_A)]
+                    if other.get(merged_name(r, m, ROLE_A)) is not a or other.get(merged_name(r, m, ROLE_B)) is not b:
+                        lefts.append(sign * b.to(torch.float64))
+                        rights.append(a.to(torch.float64))
+            num += product_sq_norm(torch.cat(lefts, 1), torch.cat(rights, 0))
+            den += product_sq_norm(*stack)
+        error = (0.0 if num == 0.0 else float("inf")) if den == 0.0 else (num / den) ** 0.5
+        return Aggregate(new_state, error)
 
-    def _bound_history(self, state: State, module: str, round_num: int) -> torch.Tensor | float:
-        """Fold every round before ``round_num`` into the base pair once the stack is too deep;
-        returns the change that made to the module's merged update (0 when there was no fold)."""
-        suffix = f".{module}.{ROLE_A}.weight"
-        rounds = sorted(r for n in state if n.endswith(suffix) and (r := merged_round(n)) is not None)
-        if sum(state[f"merged.{r}{suffix}"].shape[0] for r in rounds) <= self.history_rank:
-            return 0.0
-        folded = [r for r in rounds if r != round_num]
-        total = sum(
-            state.pop(f"merged.{r}.{module}.{ROLE_B}.weight").to(torch.float64)
-            @ state.pop(f"merged.{r}{suffix}").to(torch.float64)
-            for r in folded
-        )
-        u, sing, vh = torch.linalg.svd(total, full_matrices=False)
-        numerical_rank = int((sing > sing[0] * 1e-12).sum()) if float(sing[0]) > 0 else 1
-        kept = sing.shape[0] if sing.shape[0] <= self.history_rank else self.history_rank // 2  # exact when it fits
-        k = max(1, min(kept, numerical_rank))
-        base_b, base_a = (
-            u[:, :k].contiguous().to(torch.float32),
-            (sing[:k, None] * vh[:k]).contiguous().to(torch.float32),
-        )
-        state[f"merged.{BASE_ROUND}.{module}.{ROLE_B}.weight"], state[f"merged.{BASE_ROUND}{suffix}"] = base_b, base_a
-        return base_b.to(torch.float64) @ base_a.to(torch.float64) - total
+    def _bound_history(
+        self, state: State, module: str, round_num: int, stack: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        """Refactorise the module's whole history, this round's ``stack`` (float64) included,
+        once it holds more than ``history_bound`` ranks: exactly when its product's rank fits,
+        otherwise its top ``history_bound`` directions."""
+        rounds = module_history(state, module)
+        if sum(state[merged_name(r, module, ROLE_A)].shape[0] for r in rounds) <= self.history_bound:
+            return
+        lefts, rights = [], []
+        for r in rounds:
+            b, a = state.pop(merged_name(r, module, ROLE_B)), state.pop(merged_name(r, module, ROLE_A))
+            b, a = stack if r == round_num else (b.to(torch.float64), a.to(torch.float64))
+            lefts.append(b)
+            rights.append(a)
+        u, sing, vh = product_svd(torch.cat(lefts, 1), torch.cat(rights, 0))
+        numerical = int((sing > sing[0] * NUMERICAL_RANK).sum()) if sing.numel() and float(sing[0]) > 0 else 0
+        k = max(MIN_HISTORY, min(numerical, self.history_bound))
+        b_new, a_new = u[:, :k], sing[:k, None] * vh[:k]
+        if b_new.shape[1] < k:  # a module with a side of 1: pad with zero directions
+            b_new = torch.cat([b_new, b_new.new_zeros(b_new.shape[0], k - b_new.shape[1])], 1)
+            a_new = torch.cat([a_new, a_new.new_zeros(k - a_new.shape[0], a_new.shape[1])], 0)
+        b_new, a_new = b_new.to(torch.float32), a_new.to(torch.float32)
+        for r, cols in ((BASE_ROUND, slice(0, k - 1)), (round_num, slice(k - 1, k))):
+            state[merged_name(r, module, ROLE_B)] = b_new[:, cols].contiguous()
+            state[merged_name(r, module, ROLE_A)] = a_new[cols].contiguous()
 
     def stacked_adapter(self, global_state: State) -> State:
         """All merged rounds as one standard LoRA pair per module (scaling 1), plus the head."""
         out = {n: t for n, t in global_state.items() if role_of(n) == ROLE_HEAD}
         for m in self.module_shapes:
-            rounds = sorted(
-                r for n in global_state if n.endswith(f".{m}.{ROLE_A}.weight") and (r := merged_round(n)) is not None
-            )
+            rounds = module_history(global_state, m)
             if rounds:
-                out[f"{m}.{ROLE_A}.weight"] = torch.cat(
-                    [global_state[f"merged.{t}.{m}.{ROLE_A}.weight"] for t in rounds], 0
-                )
-                out[f"{m}.{ROLE_B}.weight"] = torch.cat(
-                    [global_state[f"merged.{t}.{m}.{ROLE_B}.weight"] for t in rounds], 1
-                )
+                out[f"{m}.{ROLE_A}.weight"] = torch.cat([global_state[merged_name(t, m, ROLE_A)] for t in rounds], 0)
+                out[f"{m}.{ROLE_B}.weight"] = torch.cat([global_state[merged_name(t, m, ROLE_B)] for t in rounds], 1)
         return out

@@ -88,11 +88,7 @@ def client_gradient(strategy, k: int) -> dict[str, torch.Tensor]:
 
 
 def setup_strategy(name, tiny_bert):
-    # these stand-in gradients are independent draws, unlike honest clients' sketches of one
-    # gradient: the guard (spectra capped at the median) would rightly bind, so it is off here
-    # and tested in test_robust_direction.py
-    options = {"init_step": INIT_STEP, "guard_init": False} if name == "fedsb" else {}
-    strategy = make_strategy(name, SPEC, **options)
+    strategy = make_strategy(name, SPEC, **({"init_step": INIT_STEP} if name == "fedsb" else {}))
     inject_lora(tiny_bert, strategy.spec)
     torch.manual_seed(7)
     for m in lora_modules(tiny_bert).values():

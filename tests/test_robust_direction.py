@@ -129,8 +129,8 @@ def capture_share(defended: bool, seed: int) -> float:
         updates = screen.screen(
             cap_weights(updates, DEFAULTS.robust_weight_cap), strategy.init_effect_norm, strategy.shrink_init
         ).kept
-        dropped = {o.client_id for o, _ in strategy.init_outliers(updates)}
-        updates = [u for u in updates if u.client_id not in dropped]
+        updates, dropped = strategy.guard_init(updates)
+        assert [u.client_id for u, _ in dropped] == [4]
     b = strategy.initialize(state, updates)[B].double()
     return float(torch.sum((basis_u[:, rank:].double().T @ b) ** 2)) / rank
 
@@ -150,7 +150,8 @@ def test_honest_sketches_are_all_kept():
         ClientUpdate(k, strategy.init_reply({"m.q": shared + 0.3 * torch.randn(DIM, DIM, generator=gen)}), 50 + k)
         for k in range(5)
     ]
-    assert strategy.init_outliers(updates) == []
+    kept, dropped = strategy.guard_init(updates)
+    assert dropped == [] and len(kept) == 5
 
 
 def up(cid: int, norm: float) -> ClientUpdate:
@@ -164,7 +165,7 @@ def screen_round(screen: NormScreen, updates: list[ClientUpdate]):
 @pytest.mark.parametrize("earlier_rounds", [0, 2])
 def test_half_of_an_even_round_cannot_drag_the_bound_down(earlier_rounds):
     screen = NormScreen(DEFAULTS.robust_norm_multiple, "clip", DEFAULTS.robust_max_norm)
-    for r in range(earlier_rounds):
+    for _ in range(earlier_rounds):
         screen_round(screen, [up(1, 1.0), up(2, 1.1), up(3, 0.9)])
     dragged = screen_round(screen, [up(1, 1.0), up(2, 1e-12)])
     assert dragged.clipped == 0 and float(dragged.kept[0].state["w"].norm()) == pytest.approx(1.0)

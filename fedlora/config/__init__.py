@@ -1,6 +1,16 @@
 """Run configuration: the settings schema, config files, command-line options, checks."""
 
-from fedlora.config.choices import ATTACKS, PARTITIONS, POOLINGS, QUANTIZE, ROBUST_AGGREGATES, ROBUST_MODES, TASKS, TRACKERS, WIRE_DTYPES
+from fedlora.config.choices import (
+    ATTACKS,
+    PARTITIONS,
+    POOLINGS,
+    QUANTIZE,
+    ROBUST_AGGREGATES,
+    ROBUST_MODES,
+    TASKS,
+    TRACKERS,
+    WIRE_DTYPES,
+)
 from fedlora.config.flags import add_run_options, flag_values, given_flags, help_text
 from fedlora.config.run_config import BY_NAME, CAUSAL_LM_DEFAULTS, SCHEMA, RunConfig
 from fedlora.config.setting import COORDINATOR, GROUPS, SIMULATE, Flag, Group, Range, Setting

@@ -188,9 +188,11 @@ class FlowerStrategy(Strategy):
         screened = self.init_screen.screen(
             cap_weights([u for u, _ in valid], self.weight_cap), strategy.init_effect_norm, strategy.shrink_init
         )
-        screened.rejected += (outliers := strategy.init_outliers(screened.kept))
+        if self.init_screen.multiple > 0:  # the defences on: the strategy's own guard of its initial state
+            screened.kept, outliers = strategy.guard_init(screened.kept)
+            screened.rejected += outliers
         self._count_screened(0, screened, stats)
-        grads = [u for u in screened.kept if all(u is not o for o, _ in outliers)]
+        grads = screened.kept
         stats.clients = len(grads)
         if not grads:
             return False
@@ -235,15 +237,14 @@ class FlowerStrategy(Strategy):
             log.warning("round %d: client(s) %s disconnected since the last round", server_round, gone)
         self.connected = connected
         common = self.strategy.broadcast(self.global_state)
-        shared_payload = None
+        payloads: dict[tuple[str, ...], bytes] = {}  # by the catch-up's names: nodes that lack the same share one
         messages = []
         for node in nodes:
             extra = self.strategy.catch_up(self.global_state, self.synced.get(node))
-            if extra:
-                payload = self._encode_down({**common, **extra}, server_round)
-            else:
-                shared_payload = shared_payload or self._encode_down(common, server_round)
-                payload = shared_payload
+            key = tuple(sorted(extra))
+            if key not in payloads:
+                payloads[key] = self._encode_down({**common, **extra}, server_round)
+            payload = payloads[key]
             self.stats.bytes_down += len(payload)
             messages.append(self._message(node, payload, server_round, PHASE_TRAIN))
         return messages
