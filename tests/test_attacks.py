@@ -1,24 +1,32 @@
 """One hostile client against the coordinator's bridge, for every simulated attack kind
 (fedlora.flower.attacks), with the default defences; each attack also runs undefended to show
 that the assertion can fail. Then the decoder and reply-handling cases that used to crash
-or fool the coordinator."""
+or fool the coordinator. The bounded attacks (``steer``, ``sketch-capture``) are checked for
+what they promise: a well-formed payload just under the bound they can estimate, and
+undefended, the aggregate theirs."""
 
+import json
 import logging
 from dataclasses import replace
 
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 from replies import FakeReply
+from safetensors.torch import load_file
 
+from fedlora.client.handler import train
 from fedlora.config import RunConfig
-from fedlora.flower.attacks import attacked_payload
+from fedlora.flower.attacks import MARGIN, STEER_CLASS, attack_mod, attacked_payload, capture_sketch
 from fedlora.flower.bridge import FlowerStrategy
+from fedlora.flower.messages import RECORD, RunFacts
 from fedlora.io import wire
 from fedlora.io.schema import update_pb2 as pb
 from fedlora.ml.adapters import LoRASpec
+from fedlora.ml.task import initial_adapter_state, lora_spec
 from fedlora.strategies import make_strategy
-from fedlora.strategies.base import merged_deltas
-from fedlora.strategies.fedsb import GRAD_V
+from fedlora.strategies.base import lora_deltas, merged_deltas
+from fedlora.strategies.fedsb import GRAD_U, GRAD_V
 
 SPEC = LoRASpec(rank=2, alpha=4.0, target_modules=("q",))
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "classifier.weight"
@@ -106,7 +114,8 @@ def test_a_claimed_size_weighs_at_most_the_cap():
         run_round(b, states, payload)
         weights[defended] = 1.0 - float(b.global_state[B][0, 0])  # the attacker's share: its B is 0, the others' 1
     median = sorted([*SIZES, wire.MAX_EXAMPLES])[1]
-    assert weights[True] == pytest.approx(2 * median / (sum(SIZES) + 2 * median), rel=1e-5)
+    cap = DEFAULTS.robust_weight_cap * median
+    assert weights[True] == pytest.approx(cap / (sum(min(n, cap) for n in SIZES) + cap), rel=1e-5)
     assert weights[False] > 0.999
 
 
@@ -128,7 +137,7 @@ def test_a_rank1_flora_client_is_measured_by_its_effect():
     assert changes[True] < 2.5 and changes[False] > 20.0  # bounded whatever the scale
 
 
-def fedsb_init(defended: bool, attack: str | None, scale: float = 1e12) -> FlowerStrategy:
+def fedsb_init(defended: bool, attack: str | None, scale: float = 1e12, sent: list | None = None) -> FlowerStrategy:
     b = bridge("fedsb", defended)
     b.init_stats = type(b.stats)(sampled=[1, 2, 3, 4])
     gen = torch.Generator().manual_seed(2)
@@ -140,6 +149,8 @@ def fedsb_init(defended: bool, attack: str | None, scale: float = 1e12) -> Flowe
         )
         if i == 3 and attack is not None:
             payload = attacked_payload(attack_cfg(attack, scale), payload, {})
+            if sent is not None:
+                sent.append(wire.decode(payload).tensors)
         replies.append(FakeReply(i + 1, payload))
     if attack == "skewed":  # a sketch whose V is not orthonormal
         bad = wire.decode(replies[3].content["fedlora"]["payload"]).tensors
@@ -160,6 +171,128 @@ def test_an_inflated_initialisation_sketch_is_bounded():
     )
     assert defended.init_stats.clipped == 1 and r0(defended) < 3 * r0(clean)
     assert r0(undefended) > 1e6 * r0(clean)
+
+
+def change_vector(before: dict, after: dict) -> torch.Tensor:
+    """An update's effect, flattened: each module's dense change, then each head's."""
+    dense_before, dense_after = lora_deltas(before, SPEC.alpha), lora_deltas(after, SPEC.alpha)
+    parts = [dense_after[m] - dense_before[m] for m in dense_after]
+    parts += [after[n].to(torch.float64) - before[n] for n in after if n == HEAD]
+    return torch.cat([p.flatten() for p in parts])
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa"])
+@pytest.mark.parametrize("stretch", [0.1, 10.0])
+def test_a_steered_update_sits_just_under_the_bound_it_can_estimate(name, stretch):
+    cfg = attack_cfg("steer", strategy=name)
+    undefended = bridge(name, defended=False)
+    before = dict(undefended.global_state)
+    states = honest_states(undefended)
+    steered = undefended.strategy.shrink(before, honest_states(undefended, seed=7)[0], stretch)
+    payload = wire.decode(attacked_payload(cfg, blob(undefended, states[3], 100), before, steered))
+    assert payload.num_examples == wire.MAX_EXAMPLES and payload.tensors.keys() == states[3].keys()
+    bound = DEFAULTS.robust_norm_multiple * undefended.strategy.effect_norm(before, states[3])
+    sent = undefended.strategy.effect_norm(before, payload.tensors)
+    assert MARGIN * bound * (1 - 1e-3) <= sent <= bound
+    moved = [(payload.tensors[n] - before[n]).flatten() for n in steered]
+    wanted = [(steered[n] - before[n]).flatten() for n in steered]
+    assert cosine(torch.cat(moved).double(), torch.cat(wanted).double()) > 0.9999  # along the steered change
+    encoded = wire.encode_update(payload.tensors, strategy=name, round_num=1, num_examples=payload.num_examples)
+    run_round(undefended, states, encoded)
+    sent_change = change_vector(before, {**before, **payload.tensors})
+    assert cosine(change_vector(before, undefended.global_state), sent_change) > 0.999  # the attacker's aggregate
+
+
+class Grid:
+    def get_node_ids(self):
+        return [7]
+
+
+@pytest.mark.usefixtures("inside_a_flower_run")
+def test_the_steer_mod_retrains_on_one_class_and_records_what_it_sent(tmp_path):
+    """Through the ClientApp's own handler: a simulated client 0, one small local step."""
+    cfg = RunConfig(
+        strategy="ffa", attack_clients=(0,), attack_kind="steer", local_steps=1, batch_size=4, max_length=16
+    )
+    adapter = make_strategy("ffa", lora_spec(cfg))
+    state = adapter.setup(initial_adapter_state(cfg.model, 5, adapter.spec, cfg.seed, cfg.task, cfg.pooling))
+    facts = RunFacts(("business", "entertainment", "politics", "sports", "tech"), client_state_dir=str(tmp_path))
+    coordinator = FlowerStrategy(adapter, state, json.dumps(cfg.to_dict()), run_facts=facts)
+    msg = coordinator.configure_train(1, None, None, Grid())[0]
+
+    def client() -> Context:
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+    honest = wire.decode(train(msg, client()).content[RECORD]["payload"])
+    sent = wire.decode(attack_mod(msg, client(), train).content[RECORD]["payload"])
+    assert sent.num_examples == wire.MAX_EXAMPLES and sent.tensors.keys() == honest.tensors.keys()
+    honest_norm = adapter.effect_norm(state, honest.tensors)
+    sent_norm = adapter.effect_norm(state, sent.tensors)
+    assert sent_norm == pytest.approx(MARGIN * cfg.robust_norm_multiple * honest_norm, rel=1e-3)
+    bias = "classifier.bias"  # every label STEER_CLASS: its logit gains most
+    assert int((sent.tensors[bias] - state[bias]).argmax()) == STEER_CLASS
+    record = load_file(str(tmp_path / "0" / "attack" / "round-1.safetensors"))
+    assert torch.equal(record[f"sent/{bias}"], sent.tensors[bias])
+    assert any(n.startswith("global/") and n.endswith("lora_A.weight") for n in record)  # frozen A included
+
+
+def test_a_steered_update_is_sent_as_trained_with_the_bound_off():
+    cfg = attack_cfg("steer", strategy="ffa", robust_norm_multiple=0.0)
+    b = bridge("ffa", defended=False)
+    states = honest_states(b)
+    steered = honest_states(b, seed=7)[0]
+    payload = wire.decode(attacked_payload(cfg, blob(b, states[3], 100), b.global_state, steered))
+    assert all(torch.equal(payload.tensors[n], steered[n]) for n in steered)
+
+
+def test_a_capture_sketch_passes_as_a_sketch_orthogonal_to_the_honest_one():
+    b = bridge("fedsb")
+    honest = b.strategy.init_reply({"m.q": torch.randn(6, 5, generator=torch.Generator().manual_seed(3))})
+    payload = wire.decode(attacked_payload(attack_cfg("sketch-capture"), blob(b, honest, 100, kind="init"), {}))
+    sketch = payload.tensors
+    assert payload.num_examples == wire.MAX_EXAMPLES and sketch.keys() == honest.keys()
+    b.strategy.check_init(sketch)
+    for role in (GRAD_U, GRAD_V):
+        ours, theirs = sketch[f"m.q{role}"], honest[f"m.q{role}"]
+        assert float((ours.T @ theirs).abs().max()) < 1e-5 * float(ours.norm() * theirs.norm())
+    spectrum = torch.linalg.svdvals(sketch[f"m.q{GRAD_U}"])
+    assert float(spectrum.max() / spectrum.min()) < 1 + 1e-5  # flat over the r slots
+    expected = MARGIN * DEFAULTS.robust_norm_multiple * b.strategy.init_effect_norm(honest)
+    assert b.strategy.init_effect_norm(sketch) == pytest.approx(expected, rel=1e-5)
+
+
+def test_colluders_capture_nearly_the_same_directions():
+    gen = torch.Generator().manual_seed(4)
+    cfg = attack_cfg("sketch-capture")
+    u1, u2 = (
+        capture_sketch(cfg, {f"m.q{GRAD_U}": torch.randn(64, 2, generator=gen), f"m.q{GRAD_V}": torch.eye(48)[:, :2]})
+        for _ in range(2)
+    )
+    basis1 = u1[f"m.q{GRAD_U}"] / u1[f"m.q{GRAD_U}"].norm(dim=0)
+    basis2 = u2[f"m.q{GRAD_U}"] / u2[f"m.q{GRAD_U}"].norm(dim=0)
+    assert float((basis1.T @ basis2).norm() ** 2) / 2 > 0.9
+
+
+def share_of_b(b: FlowerStrategy, sketch: dict) -> float:
+    """||U_attᵀ B||_F² / r: how much of the frozen B's span the attacker's directions hold."""
+    u = sketch[f"m.q{GRAD_U}"].to(torch.float64)
+    u = u / u.norm(dim=0)
+    return float((u.T @ b.global_state["m.q.lora_B.weight"].to(torch.float64)).norm() ** 2) / SPEC.rank
+
+
+def test_an_undefended_capture_sketch_takes_the_frozen_subspace():
+    shares = {}
+    for defended in (True, False):
+        sent: list = []
+        b = fedsb_init(defended, "sketch-capture", sent=sent)
+        if not defended:
+            assert b.init_stats.rejected == 0  # it passes for a sketch
+        shares[defended] = share_of_b(b, sent[0])
+    assert shares[False] > 0.99 and shares[True] < shares[False]
 
 
 def test_a_sketch_that_is_no_svd_is_rejected():
