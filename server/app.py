@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -21,7 +22,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
-from fedlora.config.server_settings import read_server_settings
+from fedlora.config.server_settings import SERVED_FOLDER_ENV, read_server_settings
 from fedlora.errors import UserError
 from fedlora.flower.simulation import clients_train_on_cpu
 
@@ -29,7 +30,8 @@ log = logging.getLogger("fedlora")
 
 # run-config keys that are not settings: the whole settings as JSON (what ``fedlora simulate``
 # and ``fedlora coordinator`` submit), the run folder, whether to resume, the progress log's
-# name in the run folder and the file whose arrival releases a held run
+# name in the run folder and the file whose arrival releases a held run. The paths are
+# relative to the served folder and stay inside it (``inside_served``).
 RUN_KEYS = ("fedlora-config", "out-dir", "resume", "log-name", "hold-until")
 HOLD_TIMEOUT_S = 600.0
 
@@ -49,10 +51,43 @@ def run_settings(run_config: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
-def run_folder(run_config: Mapping[str, Any], cfg: RunConfig) -> Path:
-    """``out-dir``, else ``runs/<timestamp>-<strategy>`` under the ServerApp's working folder."""
+def served_folder() -> Path:
+    """The folder the ServerApp serves from: the run folder or serving coordinator's ``--out``
+    that fedlora's SuperLink names, else its working folder (``flwr run .`` on another SuperLink)."""
+    return Path(os.environ.get(SERVED_FOLDER_ENV) or Path.cwd()).resolve()
+
+
+def inside_served(served: Path, key: str, value: str, hidden: bool = False) -> Path:
+    """``value`` (the run config's ``key``) as a path inside ``served``: it must be relative,
+    without ``..``, and stay inside once symbolic links are followed; without ``hidden``, no
+    part of it may start with a dot (``.flower`` holds Flower's state and the API socket).
+    UserError (one line) otherwise: whoever submits a run names no path outside the folder."""
+    path = Path(value)
+    if path.is_absolute():
+        raise UserError(f"run config {key} = {value[:200]!r}: give a path relative to the served folder")
+    if ".." in path.parts:
+        raise UserError(f"run config {key} = {value[:200]!r}: '..' is not allowed")
+    if not hidden and any(part.startswith(".") for part in path.parts):
+        raise UserError(f"run config {key} = {value[:200]!r}: a hidden folder (such as .flower) is not allowed")
+    full = (served / path).resolve()
+    if not full.is_relative_to(served):
+        raise UserError(f"run config {key} = {value[:200]!r}: it leads outside the served folder (a symbolic link)")
+    return full
+
+
+def log_name(run_config: Mapping[str, Any]) -> str:
+    """``log-name``: a plain file name in the run folder, or ""."""
+    name = str(run_config.get("log-name") or "")
+    if name and (name in (".", "..") or name.startswith(".") or "/" in name):
+        raise UserError(f"run config log-name = {name[:200]!r}: give a plain file name, not hidden")
+    return name
+
+
+def run_folder(run_config: Mapping[str, Any], cfg: RunConfig, served: Path) -> Path:
+    """``out-dir`` (or the ``out`` setting), else ``runs/<timestamp>-<strategy>``, inside ``served``."""
+    key = "out-dir" if run_config.get("out-dir") else "out"
     out = str(run_config.get("out-dir") or cfg.out or "")
-    return Path(out) if out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy}"
+    return inside_served(served, key, out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy}")
 
 
 def check_simulated_nodes(grid: Grid, clients: int, timeout_s: float = 60.0) -> None:
@@ -70,14 +105,14 @@ def check_simulated_nodes(grid: Grid, clients: int, timeout_s: float = 60.0) -> 
         )
 
 
-def wait_until_released(path: str, timeout_s: float = HOLD_TIMEOUT_S) -> None:
+def wait_until_released(path: Path | None, timeout_s: float = HOLD_TIMEOUT_S) -> None:
     """``fedlora simulate`` submits its run while it still checks the inputs, so that Flower's
     runtime starts meanwhile, and holds the ServerApp until ``path`` exists: bad input stops
     the run before it has touched the run folder."""
-    if not path:
+    if path is None:
         return
     deadline = time.monotonic() + timeout_s
-    while not Path(path).exists():
+    while not path.exists():
         if time.monotonic() > deadline:
             raise UserError(f"the run waited {timeout_s:.0f} s for its input checks to release it ({path})")
         time.sleep(0.05)
@@ -92,14 +127,15 @@ def main(grid: Grid, context: Context) -> None:
     to that file in the run folder, which ``fedlora simulate`` and ``fedlora coordinator`` echo."""
     from fedlora.server.federation import Federation  # lazy: see the module's docstring
 
-    run_config = context.run_config
-    wait_until_released(str(run_config.get("hold-until") or ""))
+    run_config, served = context.run_config, served_folder()
+    hold = str(run_config.get("hold-until") or "")
+    wait_until_released(inside_served(served, "hold-until", hold, hidden=True) if hold else None)
     cfg = run_settings(run_config)
-    out_dir = run_folder(run_config, cfg).resolve()
-    cfg.update(read_server_settings(out_dir, Path.cwd()))  # the coordinator's own, kept off the run config
+    out_dir = run_folder(run_config, cfg, served)
+    name = log_name(run_config)
+    cfg.update(read_server_settings(out_dir, served))  # the coordinator's own, kept off the run config
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_name = str(run_config.get("log-name") or "")
-    log_path = out_dir / log_name if log_name else None
+    log_path = out_dir / name if name else None
 
     def progress(line: str) -> None:
         print(line, flush=True)

@@ -214,7 +214,8 @@ class Federation:
         return FlowerStrategy(
             self.strategy,
             global_state,
-            json.dumps(cfg.for_clients()),
+            # deployed agents get no coordinator paths; simulated clients read their partitions of --data
+            json.dumps(cfg.for_clients() if self.client_state_dir else cfg.for_agents()),
             run_facts=facts,
             fraction=cfg.fraction,
             seed=cfg.seed,

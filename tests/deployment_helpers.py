@@ -92,6 +92,42 @@ def rounds_logged(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def listening_ports(root_pid: int) -> set[int]:
+    """The TCP ports that ``root_pid`` and every process below it listen on."""
+    import psutil
+
+    ports = set()
+    root = psutil.Process(root_pid)
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    return ports
+
+
+OTHER_UID = 54321  # a user of no one: no passwd entry needed to be it
+
+
+def connect_as_another_user(cwd: Path, socket_path: str) -> str:
+    """Connect to the Unix socket at ``socket_path`` (relative to ``cwd``) as another OS user:
+    a child that enters ``cwd`` as root (the folders above it, the test's temporary ones, are
+    root's alone), drops to ``OTHER_UID`` and tries. "connected", or the error's text. Needs root."""
+    code = (
+        "import os, socket, sys\n"
+        "os.chdir(sys.argv[1])\n"
+        f"os.setgroups([]); os.setgid({OTHER_UID}); os.setuid({OTHER_UID})\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[2]); print('connected')\n"
+        "except OSError as exc:\n    print(exc.strerror)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(cwd), socket_path], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def stop_all(procs: list[subprocess.Popen], tmp_path: Path) -> None:
     for proc in procs:
         kill_group(proc.pid, signal.SIGTERM)

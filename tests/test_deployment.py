@@ -14,6 +14,7 @@ import pytest
 from deployment_helpers import (
     fedlora,
     kill_group,
+    listening_ports,
     prepare,
     rounds_logged,
     stop_all,
@@ -108,6 +109,9 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
 
         wait_until(lambda: rounds_logged(out) >= 1 or coordinator.poll() is not None, 600, "round 1")
         assert coordinator.poll() is None, (tmp_path / "coordinator.out").read_text()
+        # mid-run (SuperLink, SuperExec, ServerApp): nothing listens but the agents' Fleet API,
+        # the control and runtime APIs are a socket only the operator opens
+        assert listening_ports(coordinator.pid) == {int(port)}
         victims = supernode_pids(str(tmp_path / "agent-3"))
         assert victims, "agent 3's SuperNode not found"
         for pid in victims:  # the client's machine goes away: its node and everything it runs
@@ -145,4 +149,5 @@ def test_coordinator_and_three_agents_over_tls_with_node_auth(tmp_path):
     assert "initialisation from 3 clients" in coordinator_log
     assert "no reply from client" in coordinator_log or "disconnected since the last round" in coordinator_log
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # --track on a deployed coordinator
-    assert "tensorboard" not in (out / ".flower" / "run-config.toml").read_text()  # never sent to agents
+    shared = (out / ".flower" / "run-config.toml").read_text()  # what every agent receives
+    assert "tensorboard" not in shared and str(tmp_path) not in shared  # no --track, no coordinator path

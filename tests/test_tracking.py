@@ -87,7 +87,9 @@ def test_a_coordinator_keeps_its_tracking_settings_off_the_run_config_flower_sha
     shared = json.loads(tomllib.loads(run_config.read_text())["fedlora-config"])
     assert "secret" not in run_config.read_text() and not {"track", "track_uri"} & set(shared)
     private = tmp_path / SERVER_SETTINGS
-    assert json.loads(private.read_text()) == {"track": "mlflow", "track_uri": cfg.track_uri}
+    own = json.loads(private.read_text())  # with the coordinator's paths, also kept off (test_coordinator_lockdown)
+    assert (own["track"], own["track_uri"]) == ("mlflow", cfg.track_uri)
+    assert set(own) == {"track", "track_uri", "out", "data", "eval_data"}
     assert private.stat().st_mode & 0o777 == 0o600
 
 

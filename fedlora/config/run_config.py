@@ -326,6 +326,12 @@ class RunConfig:
         """The settings clients receive: all but the coordinator's own (where it reports to)."""
         return {k: v for k, v in self.to_dict().items() if not BY_NAME[k].server_only}
 
+    def for_agents(self) -> dict[str, Any]:
+        """The settings deployed agents receive: the clients', less the coordinator's own paths
+        (its run folder and data files; an agent reads its own data). Simulated clients read
+        their partitions of ``data``; an agent never does."""
+        return {k: v for k, v in self.for_clients().items() if k not in COORDINATOR_PATHS}
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         cfg = cls()
@@ -369,3 +375,5 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SCHEMA}
 CAUSAL_LM_DEFAULTS: dict[str, Any] = {s.name: s.causal_lm for s in SCHEMA if s.causal_lm is not UNSET}
 # runtime facts that configs saved before they left RunConfig still carry
 RETIRED_KEYS = frozenset({"labels"})
+# the coordinator's own paths: never sent to a deployed agent (RunConfig.for_agents)
+COORDINATOR_PATHS = frozenset({"out", "data", "eval_data"})

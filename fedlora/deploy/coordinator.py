@@ -1,15 +1,19 @@
 """``fedlora coordinator``: Flower's SuperLink and one federated run, supervised as a group.
 
 The SuperLink serves client agents on ``--address`` (gRPC, TLS unless ``--insecure``) and
-its control API on a loopback port only. The run is the same ServerApp as the simulation
+its local API (control and runtime) on a Unix socket in ``OUT/.flower`` (0700), which only
+the operator can open (``fedlora.deploy.local_api``); it runs no ServerApp but fedlora's own
+(``fedlora.deploy.trusted_server``). The run is the same ServerApp as the simulation
 (``fedlora.server.app:app``), submitted as a Flower app whose run config carries the
-fedlora settings. Everything Flower keeps goes under ``OUT/.flower``.
+fedlora settings, less the coordinator's own (where it reports to, its paths), which its
+ServerApp reads from a private file. Everything Flower keeps goes under ``OUT/.flower``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config import RunConfig
-from fedlora.config.server_settings import write_server_settings
+from fedlora.config.server_settings import SERVED_FOLDER_ENV, write_server_settings
+from fedlora.deploy.local_api import (
+    NOMINAL_ADDRESS,
+    NOMINAL_PORT,
+    SOCKET_NAME,
+    TOKEN_DIR,
+    private_folder,
+    wait_for_socket,
+    write_launchers,
+)
 from fedlora.deploy.processes import (
     child_env,
     flower_executable,
@@ -28,7 +41,6 @@ from fedlora.deploy.processes import (
     start,
     stop,
     terminate_on_sigterm,
-    wait_for_port,
 )
 from fedlora.deploy.trusted_app import TRUSTED_CLIENTAPP
 from fedlora.errors import UserError
@@ -86,7 +98,6 @@ class Deployment:
     tls_dir: Path | None  # None: --insecure
     auth_keys: list[Path]
     startup_timeout_s: float = 60.0
-    control_port: int | None = None  # the control API's loopback port (--serve); None: a free one
 
 
 def check_deployment(address: str, tls_dir: str | None, insecure: bool, auth_keys: str | None) -> Deployment:
@@ -113,16 +124,17 @@ def check_deployment(address: str, tls_dir: str | None, insecure: bool, auth_key
 
 
 class _Flower:
-    """The ``flwr`` command line, talking to our SuperLink's control API."""
+    """The ``flwr`` command line, talking to our SuperLink's control API through its socket
+    (``exe``: the launcher in the run's ``.flower/bin``)."""
 
-    def __init__(self, home: Path, control_port: int, tls_dir: Path | None):
+    def __init__(self, home: Path, exe: Path, tls_dir: Path | None):
         home.mkdir(parents=True, exist_ok=True)
         conn = "insecure = true" if tls_dir is None else f"root-certificates = {json.dumps(str(tls_dir / 'ca.crt'))}"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{control_port}"\n{conn}\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{NOMINAL_ADDRESS}"\n{conn}\n'
         )
         self.env = child_env(home)
-        self.exe = flower_executable("flwr")
+        self.exe = str(exe)
 
     def call(self, *args: str) -> dict:
         return self.start(*args).result()
@@ -148,8 +160,9 @@ class _FlowerCall:
         except ValueError:
             result = {}
         if self.proc.returncode != 0 or not result.get("success", True):
-            detail = result.get("error-message") or (err or text).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"flwr {' '.join(args)}: {detail if isinstance(detail, str) else detail[0]}")
+            # Flower's error comes last, after any warnings of its own
+            detail = [line.strip() for line in str(result.get("error-message") or err or text).splitlines()]
+            raise UserError(f"flwr {' '.join(args)}: {([d for d in detail if d] or ['no output'])[-1]}")
         return result
 
     def kill(self) -> None:
@@ -165,27 +178,33 @@ def key_fingerprint(path: Path) -> str:
     return hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()
 
 
+LIVE_NODE = ("registered", "online", "offline")  # a node Flower would still let in (unregistered: never again)
+
+
 def sync_registered_keys(cli: _Flower, keys: list[Path], registry_path: Path) -> None:
     """Make the SuperLink's registered keys exactly ``keys``: register the new ones and
-    unregister the nodes of keys no longer listed (the SuperLink's database keeps them
-    across a restart). ``registry_path`` maps each key we registered to its node id."""
+    unregister every other node the SuperLink knows (its database keeps them across a
+    restart), whether this run registered it or not. ``registry_path`` maps each key we
+    registered to its node id: Flower lists nodes without their keys."""
     registry: dict[str, int] = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
     wanted = {key_fingerprint(k): k for k in keys}
     try:
-        for fingerprint, node_id in list(registry.items()):
-            if fingerprint not in wanted:
-                cli.call("supernode", "unregister", str(node_id))
-                del registry[fingerprint]
+        for fingerprint in [f for f in registry if f not in wanted]:
+            del registry[fingerprint]  # unregistered below, with any node this run has no record of
+        kept = set(registry.values())
+        for node in cli.call("supernode", "list").get("nodes", []):
+            if node.get("status") in LIVE_NODE and int(node["node-id"]) not in kept:
+                cli.call("supernode", "unregister", str(node["node-id"]))
         for fingerprint, key in wanted.items():
             if fingerprint in registry:
                 continue
             try:
                 registry[fingerprint] = int(cli.call("supernode", "register", str(key))["node-id"])
             except UserError as exc:
-                if "already in use" in str(exc):
+                if "already in use" in str(exc):  # Flower never takes a key it has seen again
                     raise UserError(
-                        f"{key} is registered, but not by this run's record of keys ({registry_path}): "
-                        "start the run afresh with --overwrite"
+                        f"{key} was registered with this SuperLink, but not by this run's record of keys "
+                        f"({registry_path}), and Flower never registers a key twice: start the run afresh with --overwrite"
                     ) from None
                 raise
     finally:
@@ -193,10 +212,16 @@ def sync_registered_keys(cli: _Flower, keys: list[Path], registry_path: Path) ->
 
 
 def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
-    """A resume may not weaken the run's transport security or node authentication."""
+    """A resume may not weaken the run's transport security or node authentication; one
+    whose record is missing cannot tell, and is refused."""
     path = out / SECURITY_RECORD
     now = {"tls": dep.tls_dir is not None, "node_auth": bool(dep.auth_keys)}
-    if resume and path.is_file():
+    if resume:
+        if not path.is_file():
+            raise UserError(
+                f"{out} has no {SECURITY_RECORD}: it is not a coordinator's run folder, or it lost the record of "
+                "how the run was secured; start afresh with --overwrite"
+            )
         before = json.loads(path.read_text())
         if before.get("tls") and not now["tls"]:
             raise UserError("this run was started with TLS: resume it with --tls-dir, not --insecure")
@@ -208,18 +233,20 @@ def check_security_mode(out: Path, dep: Deployment, resume: bool) -> None:
 def write_app(folder: Path, cfg: RunConfig, out_dir: Path, resume: bool, log_name: str, hold_until: str = "") -> Path:
     """The Flower app folder (just its pyproject) and the run config file for ``flwr run``.
     A simulation under attack runs the attacking ClientApp (``fedlora coordinator`` refuses
-    attack settings). Flower hands a run's config to every SuperNode, so the coordinator's
-    own settings (where it reports to) go to the ServerApp in a private file of ``out_dir``."""
+    attack settings). The ServerApp works in ``out_dir`` (the SuperLink tells it so): the
+    run folder is ``.`` and ``hold_until`` a path inside it. Flower hands a run's config to
+    every SuperNode, so the coordinator's own settings (where it reports to, its run folder
+    and data files) go to the ServerApp in a private file of ``out_dir``."""
     pyproject = APP_PYPROJECT
     if cfg.attack_clients:
         pyproject = pyproject.replace(f'"{TRUSTED_CLIENTAPP}"', f'"{ATTACK_CLIENTAPP}"')
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(pyproject)
-    write_server_settings(out_dir, cfg)
+    write_server_settings(out_dir, cfg, paths=True)
     run_config = folder.parent / "run-config.toml"
     run_config.write_text(
-        f"fedlora-config = {json.dumps(json.dumps(cfg.for_clients()))}\n"
-        f"out-dir = {json.dumps(str(out_dir))}\nresume = {str(resume).lower()}\n"
+        f"fedlora-config = {json.dumps(json.dumps(cfg.for_agents()))}\n"
+        f'out-dir = "."\nresume = {str(resume).lower()}\n'
         f"log-name = {json.dumps(log_name)}\nhold-until = {json.dumps(hold_until)}\n"
     )
     return run_config
@@ -277,44 +304,62 @@ def _echo_new_lines(path: Path, offset: int, progress) -> tuple[int, list[str]]:
         return fh.tell(), lines
 
 
+def superlink_command(
+    flower: Path, max_message_bytes: int, simulation: bool = False
+) -> tuple[list[str], dict[str, str], Path]:
+    """fedlora's SuperLink with its local API on the socket in ``flower`` (made 0700), the
+    environment that routes Flower's own processes to it, and the ``flwr`` launcher. The
+    ServerApp works in ``flower``'s parent (the run folder, or a serving coordinator's).
+    ``simulation``: Flower's simulation runtime, which may run fedlora's simulated attacker."""
+    flower_executable("flower-superlink")  # a clear error where flwr is missing
+    private_folder(flower)
+    for stale in (flower / TOKEN_DIR).glob("*") if (flower / TOKEN_DIR).is_dir() else ():
+        stale.unlink(missing_ok=True)  # tokens of app processes that never started
+    sock = flower / SOCKET_NAME
+    launchers = write_launchers(flower / "bin", sock, flower / "cli", simulation=simulation)
+    cmd = [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", str(max_message_bytes)]
+    cmd += ["--max-reply-bytes", str(max_message_bytes), "--max-reply-objects", str(MAX_REPLY_OBJECTS)]
+    cmd += ["--api-socket", str(sock), "--host", "127.0.0.1", "--port", str(NOMINAL_PORT)]
+    cmd += ["--disable-runtime-dependency-installation"]  # run on this environment, never install into it
+    env = child_env(flower / "superlink")
+    env["PATH"] = str(launchers) + os.pathsep + env["PATH"]  # Flower starts its processes by name
+    env[SERVED_FOLDER_ENV] = str(flower.parent)
+    return cmd, env, launchers / "flwr"
+
+
 def _start_superlink(
     dep: Deployment,
     flower: Path,
     fleet_address: str,
     log_path: Path,
     max_message_bytes: int,
-    control_port: int | None = None,
     cwd: Path | None = None,
 ) -> tuple[subprocess.Popen, _Flower]:
-    control_port = control_port or free_loopback_port()
-    flower_executable("flower-superlink")  # a clear error where flwr is missing
-    cmd = [sys.executable, "-m", "fedlora.deploy.superlink", "--max-message-bytes", str(max_message_bytes)]
-    cmd += ["--max-reply-bytes", str(max_message_bytes), "--max-reply-objects", str(MAX_REPLY_OBJECTS)]
+    cmd, env, flwr = superlink_command(flower, max_message_bytes)
     if dep.tls_dir is None:
         cmd.append("--insecure")
     else:
         cmd += ["--ssl-ca-certfile", str(dep.tls_dir / "ca.crt"), "--ssl-certfile", str(dep.tls_dir / "server.pem")]
         cmd += ["--ssl-keyfile", str(dep.tls_dir / "server.key")]
-    cmd += ["--fleet-api-address", fleet_address, "--host", "127.0.0.1", "--port", str(control_port)]
-    cmd += ["--disable-runtime-dependency-installation"]  # run on this environment, never install into it
+    cmd += ["--fleet-api-address", fleet_address]
     # registrations and node ids outlive the process: after a crash, --resume finds the
     # client agents (which keep retrying) under the ids they had
     cmd += ["--database", str(flower / "state.db")]
     if dep.auth_keys:
         cmd.append("--enable-supernode-auth")
-    superlink = start(cmd, child_env(flower / "superlink"), log_path, cwd=cwd)
+    superlink = start(cmd, env, log_path, cwd=cwd)
     try:
-        wait_for_port("127.0.0.1", control_port, superlink, dep.startup_timeout_s, "the SuperLink")
+        wait_for_socket(flower / SOCKET_NAME, superlink, dep.startup_timeout_s, "the SuperLink")
     except UserError as exc:
         stop(superlink)
         raise UserError(f"{exc}: {last_line(log_path)}") from None
-    return superlink, _Flower(flower / "cli", control_port, dep.tls_dir)
+    return superlink, _Flower(flower / "cli", flwr, dep.tls_dir)
 
 
 def _prepare(out: Path, dep: Deployment, resume: bool, cap: int) -> Path:
     """The run folder's Flower state, the security record and the registered keys; returns
     the SuperLink's log."""
-    flower = out / ".flower"
+    flower = private_folder(out / ".flower")  # Flower's state, the API socket, the launchers: the operator's alone
     (flower / "superlink").mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run: no log, registrations or runs of an earlier one in this folder
         (out / LOG_NAME).unlink(missing_ok=True)
@@ -359,9 +404,10 @@ def coordinate(cfg: RunConfig, dep: Deployment, out_dir: Path, resume: bool = Fa
 
 
 def serve(dep: Deployment, cfg: RunConfig, out_dir: Path, resume: bool = False, progress=print) -> None:
-    """``--serve``: the SuperLink alone, for runs submitted with ``flwr run . <connection>``
-    to its control API (loopback only, ``dep.control_port``); each run's ServerApp works in
-    ``out_dir``, so a run without ``out-dir`` writes ``out_dir/runs/<timestamp>-<strategy>``.
+    """``--serve``: the SuperLink alone, for runs submitted with ``OUT/.flower/bin/flwr run .``
+    (Flower's command, talking to the control API through the socket only the operator can
+    open); each run's ServerApp works in ``out_dir``, so a run without ``out-dir`` writes
+    ``out_dir/runs/<timestamp>-<strategy>``.
     Of ``cfg``, the message cap (``max_update_mb``) and the coordinator's own settings
     (``--track``) apply to every run it serves. Returns when interrupted (Ctrl-C, SIGTERM);
     raises UserError if the SuperLink dies."""
@@ -369,15 +415,10 @@ def serve(dep: Deployment, cfg: RunConfig, out_dir: Path, resume: bool = False, 
     cap = superlink_message_cap(cfg.max_update_mb)
     superlink_log = _prepare(out, dep, resume, cap)
     write_server_settings(out, cfg)
-    superlink, _ = _start_superlink(
-        dep, out / ".flower", dep.address, superlink_log, cap, control_port=dep.control_port, cwd=out
-    )
-    cert = f", root-certificates = {json.dumps(str(dep.tls_dir / 'ca.crt'))}" if dep.tls_dir else ", insecure = true"
+    superlink, cli = _start_superlink(dep, out / ".flower", dep.address, superlink_log, cap, cwd=out)
     try:
         progress(f"{_banner(dep)}; serving runs until stopped (Ctrl-C)")
-        progress(
-            f'submit one with: flwr run . <connection>, the connection\'s address = "127.0.0.1:{dep.control_port}"{cert}'
-        )
+        progress(f"submit one with: {cli.exe} run . --stream (Flower's flwr, through the socket only you can open)")
         progress(f"runs write their folders under {out / 'runs'} (or their out-dir); Flower's log: {superlink_log}")
         while superlink.poll() is None:
             time.sleep(POLL_S)

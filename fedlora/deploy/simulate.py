@@ -1,6 +1,7 @@
 """``fedlora simulate``: the run on Flower's simulation runtime, the way ``flwr run`` starts it.
 
-A SuperLink in simulation mode (loopback only, its state under ``OUT/.flower``) receives the
+A SuperLink in simulation mode (its API on a Unix socket only this user can open, its state
+under ``OUT/.flower``, as ``fedlora coordinator`` runs it) receives the
 run as a Flower app whose code is the installed fedlora (``fedlora.server.app:app`` and
 ``fedlora.client.app:app``) and whose run config carries the settings; it runs the app in
 Flower's ``flwr-simulation`` process with ``--clients`` virtual SuperNodes on the Ray backend.
@@ -21,18 +22,16 @@ import sys
 from pathlib import Path
 
 from fedlora.config import RunConfig
-from fedlora.deploy.coordinator import _Flower, _FlowerCall, follow_run, write_app
-from fedlora.deploy.processes import (
-    child_env,
-    flower_executable,
-    free_loopback_port,
-    kill_tree,
-    last_line,
-    start,
-    stop,
-    terminate_on_sigterm,
-    wait_for_port,
+from fedlora.deploy.coordinator import (
+    _Flower,
+    _FlowerCall,
+    follow_run,
+    superlink_command,
+    superlink_message_cap,
+    write_app,
 )
+from fedlora.deploy.local_api import SOCKET_NAME, wait_for_socket
+from fedlora.deploy.processes import kill_tree, last_line, start, stop, terminate_on_sigterm
 from fedlora.errors import UserError
 from fedlora.flower.simulation import quiet_flower, simulated_client_resources
 from fedlora.quiet import verbose
@@ -61,33 +60,32 @@ def federation_config(cfg: RunConfig, cpus: int, progress=print) -> str:
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
-def _start_simulation_superlink(flower: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
-    """Flower's SuperLink in simulation mode, every API on a free loopback port; not waited for."""
-    port = free_loopback_port()
-    cmd = [flower_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--disable-runtime-dependency-installation"]  # run on this environment, never install into it
-    env = child_env(flower / "superlink")
+def _start_simulation_superlink(cfg: RunConfig, flower: Path, log_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Flower's SuperLink in simulation mode, its API on the socket in ``flower``; not waited
+    for. Returns it and the ``flwr`` launcher."""
+    cmd, env, flwr = superlink_command(flower, superlink_message_cap(cfg.max_update_mb), simulation=True)
+    cmd += ["--insecure", "--simulation", "--isolation", "subprocess"]
     env.setdefault("RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES", str(OBJECT_STORE_BYTES))
     env.setdefault("RAY_DEDUP_LOGS", "0")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     env["PYTHONUNBUFFERED"] = "1"
-    return start(cmd, env, log_path), port
+    return start(cmd, env, log_path), flwr
 
 
 def _submit_held_run(
-    cfg: RunConfig, out: Path, resume: bool, superlink: subprocess.Popen, port: int, said: list[str]
+    cfg: RunConfig, out: Path, resume: bool, superlink: subprocess.Popen, flwr: Path, said: list[str]
 ) -> tuple[_FlowerCall, _Flower]:
     """``flwr run`` for ``cfg``, started, its ServerApp held until ``RELEASE_NAME`` appears; and
     the ``flwr`` command. What there is to say of the clients' resources goes to ``said``."""
     flower = out / ".flower"
     federation = federation_config(cfg, os.cpu_count() or 1, said.append)
     try:
-        wait_for_port("127.0.0.1", port, superlink, STARTUP_TIMEOUT_S, "the simulation SuperLink")
+        wait_for_socket(flower / SOCKET_NAME, superlink, STARTUP_TIMEOUT_S, "the simulation SuperLink")
     except UserError as exc:
         raise UserError(f"{exc}: {last_line(flower / 'superlink.log')}") from None
-    cli = _Flower(flower / "cli", port, None)
-    run_config = write_app(flower / "app", cfg, out, resume, LOG_NAME, hold_until=str(flower / RELEASE_NAME))
+    cli = _Flower(flower / "cli", flwr, None)
+    # the ServerApp works in ``out``: the hold is a path inside it
+    run_config = write_app(flower / "app", cfg, out, resume, LOG_NAME, hold_until=f".flower/{RELEASE_NAME}")
     return cli.start(
         "run", str(flower / "app"), "local", "--run-config", str(run_config), "--federation-config", federation
     ), cli
@@ -134,10 +132,10 @@ def simulate(cfg: RunConfig, out_dir: Path, progress=print, resume: bool = False
     quiet_flower()
     terminate_on_sigterm()
     superlink_log = flower / "superlink.log"
-    superlink, port = _start_simulation_superlink(flower, superlink_log)
+    superlink, flwr = _start_simulation_superlink(cfg, flower, superlink_log)
     submission, said = None, []
     try:
-        submission, cli = _submit_held_run(cfg, out, resume, superlink, port, said)
+        submission, cli = _submit_held_run(cfg, out, resume, superlink, flwr, said)
         offset = _check_then_release(cfg, out, out_dir, resume, said, progress)
     except BaseException:  # the run has not touched its folder: leave no trace of it
         if submission is not None:

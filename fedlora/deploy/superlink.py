@@ -10,13 +10,18 @@ is built with (the per-message cap) and has it built with a servicer that bounds
 reply's tree (objects, and bytes in all), then runs Flower's own SuperLink:
 
     python -m fedlora.deploy.superlink --max-message-bytes N --max-reply-bytes N
-        --max-reply-objects N [flower-superlink options]
+        --max-reply-objects N [--api-socket PATH] [flower-superlink options]
 
 A tree with too many objects is refused at ``PushMessages``, before the reply is stored.
 Bytes are known only as objects arrive: the push that would take a reply past its bound
 is refused unstored, and the reply is dropped (its objects and its record, as flwr does
 for an upload that expired), so the ServerApp can never complete pulling it; a pull
 already under way ends with Flower's own "unavailable" error reply.
+
+With ``--api-socket PATH`` the SuperLink's local HTTP API (control and runtime) listens on a
+Unix socket only its owner can open instead of ``--host``/``--port``
+(``fedlora.deploy.local_api``), and its Control API refuses an app bundle other than
+fedlora's own when it is submitted (``fedlora.deploy.trusted_server``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -41,8 +47,15 @@ from flwr.supercore.constant import OBJECT_PUSH_SESSION_TTL_SECONDS
 from flwr.supercore.inflatable.inflatable_object import get_object_id
 from flwr.supercore.object_store import ObjectStoreFactory
 
+from fedlora.deploy.local_api import ApiSocketError, bind_private_socket, serve_http_on
+from fedlora.deploy.trusted_server import refuse_at_submission
+
 OPTIONS = ("--max-message-bytes", "--max-reply-bytes", "--max-reply-objects")
-USAGE = f"usage: python -m fedlora.deploy.superlink {' N '.join(OPTIONS)} N [flower-superlink options]"
+SOCKET_OPTION = "--api-socket"
+USAGE = (
+    f"usage: python -m fedlora.deploy.superlink {' N '.join(OPTIONS)} N [{SOCKET_OPTION} PATH] "
+    "[flower-superlink options]"
+)
 
 
 @dataclass
@@ -174,28 +187,45 @@ class BoundedFleetServicer(FleetServicer):
         raise AssertionError("unreachable: abort raises")
 
 
-def parse(args: list[str]) -> tuple[dict[str, int], list[str]]:
-    """fedlora's limits (each once, each a positive integer) and the rest, for Flower."""
+def parse(args: list[str]) -> tuple[dict[str, int], Path | None, list[str]]:
+    """fedlora's limits (each once, each a positive integer), its API socket (None: Flower's
+    TCP port) and the rest, for Flower."""
     limits: dict[str, int] = {}
-    while args and args[0] in OPTIONS:
-        if len(args) < 2 or not args[1].isdigit() or int(args[1]) < 1 or args[0] in limits:
+    api_socket: Path | None = None
+    while args and args[0] in (*OPTIONS, SOCKET_OPTION):
+        if len(args) < 2:
             sys.exit(USAGE)
-        limits[args[0]] = int(args[1])
+        if args[0] == SOCKET_OPTION:
+            if api_socket is not None or not args[1]:
+                sys.exit(USAGE)
+            api_socket = Path(args[1])
+        elif not args[1].isdigit() or int(args[1]) < 1 or args[0] in limits:
+            sys.exit(USAGE)
+        else:
+            limits[args[0]] = int(args[1])
         args = args[2:]
     # the reply bound is on the gRPC-rere Fleet API; Flower's GrpcAdapter one would bypass it
     if len(limits) < len(OPTIONS) or any(a == "grpc-adapter" or a.endswith("=grpc-adapter") for a in args):
         sys.exit(USAGE)
-    return limits, args
+    return limits, api_socket, args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    limits, rest = parse(list(sys.argv[1:] if argv is None else argv))
+    limits, api_socket, rest = parse(list(sys.argv[1:] if argv is None else argv))
     # the module, not the function of the same name that its package re-exports
     superlink = importlib.import_module("flwr.superlink.cli.flower_superlink")
     superlink.GRPC_MAX_MESSAGE_LENGTH = limits["--max-message-bytes"]  # read when the Fleet API server is built
     superlink.FleetServicer = functools.partial(  # so is this name
         BoundedFleetServicer, max_bytes=limits["--max-reply-bytes"], max_objects=limits["--max-reply-objects"]
     )
+    if api_socket is not None:
+        try:
+            sock = bind_private_socket(api_socket)
+        except ApiSocketError as exc:
+            sys.exit(f"fedlora: the SuperLink's API socket: {exc}")
+        serve_http_on(superlink, sock)
+        control = importlib.import_module("flwr.superlink.servicer.control.control_handlers")
+        refuse_at_submission(control, simulation="--simulation" in rest)
     sys.argv = ["flower-superlink", *rest]
     superlink.flower_superlink()
 
