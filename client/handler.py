@@ -1,10 +1,11 @@
 """The ClientApp's train handler: decode global state -> cached model -> local data -> train -> encode update.
 
 A deployed agent (``data-path`` in its node config, set by ``fedlora client``) trusts the
-coordinator with nothing about its data (docs/design.md: Threat model): its own privacy settings
-override the coordinator's and a request outside them is declined before any data is
-read; DP noise and Poisson samples come from the operating system's secure source; under
-DP a reply carries the update and the DP statistics only; and whatever goes wrong goes
+coordinator with nothing about its data (docs/design.md: Threat model): its own task (columns,
+label set) and privacy settings override the coordinator's, a request outside them is
+declined before any data is read, and no accept/decline depends on the data's content;
+DP noise and Poisson samples come from the operating system's secure source; under DP a
+reply carries the update and the DP statistics only; and whatever goes wrong goes
 back as a short code (``Declined``), never as text derived from the data. A simulated
 client is one party playing every role: it is seeded for reproducibility.
 """
@@ -15,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,19 +37,23 @@ from fedlora.flower.messages import (
 )
 from fedlora.flower.simulation import clients_train_on_cpu
 from fedlora.io import wire
-from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path
+from fedlora.io.agent_state import AgentPrivacy, Ledger, LedgerLost, held_path, prune_runs, rows_digest
+from fedlora.io.agent_task import AgentTask
 from fedlora.io.report import write_json_atomic
 from fedlora.ml import privacy
 from fedlora.ml.adapters import adapter_state, reset_adapters, set_trainable
-from fedlora.ml.data import align_labels
+from fedlora.ml.data import TextDataset, align_labels
+from fedlora.ml.instructions import InstructionDataset
 from fedlora.ml.models import set_gradient_checkpointing
-from fedlora.ml.task import adapted_model, load_splits, load_task_data, tokenizer_for
+from fedlora.ml.task import adapted_model, load_splits, target_shapes, tokenizer_for
 from fedlora.ml.training import LocalData, train_local, weight_gradients
 from fedlora.strategies import build_strategy, init_batches
 from fedlora.strategies.base import AdapterStrategy, State, held_digest
+from fedlora.strategies.flora import FLoRA
 
 log = logging.getLogger("fedlora")
 
+HELD_REFUSED = "held-refused"  # a deployed agent's decline: the coordinator sent more to hold than the run needs
 HELD = "fedlora-held"  # context.state record: tensors kept between rounds
 DP_STATE = "fedlora-dp"  # context.state record: this client's privacy accountant history
 
@@ -74,9 +80,16 @@ def client_rank(cfg: RunConfig, pid: int) -> int:
     return cfg.ranks[pid % len(cfg.ranks)] if cfg.ranks else cfg.rank
 
 
-def merge_held(context: Context, strategy: AdapterStrategy, received: State, held_file: Path | None = None) -> State:
+def merge_held(
+    context: Context,
+    strategy: AdapterStrategy,
+    received: State,
+    held_file: Path | None = None,
+    limit: int | None = None,
+) -> State:
     """Keep what a client must remember (frozen A/B, FLoRA's merge history) in its node
-    state and, for a deployed agent, on its disk: a restarted agent still has it."""
+    state and, for a deployed agent, on its disk: a restarted agent still has it. Past
+    ``limit`` elements held, the message is declined and nothing is kept."""
     held = {}
     if HELD in context.state.config_records:
         held = wire.decode(context.state.config_records[HELD]["blob"]).tensors
@@ -84,6 +97,9 @@ def merge_held(context: Context, strategy: AdapterStrategy, received: State, hel
         held = wire.decode(held_file.read_bytes()).tensors
     if any(strategy.is_persistent(n) for n in received):
         held = strategy.hold(held, received)
+        size = sum(t.numel() for t in held.values())
+        if limit is not None and size > limit:
+            raise Declined(HELD_REFUSED, f"would hold {size} numbers, more than this run's strategy needs ({limit})")
         blob = wire.encode(held, kind="held")
         context.state[HELD] = ConfigRecord({"blob": blob})
         if held_file is not None:
@@ -171,23 +187,112 @@ def simulated_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu" if clients_train_on_cpu(cfg) else "cuda")
 
 
-def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int, strategy: AdapterStrategy) -> None:
-    """A deployed agent's verdict on the coordinator's request, before any data is read."""
+def check_request(cfg: RunConfig, own: AgentPrivacy, num_examples: int) -> None:
+    """A deployed agent's verdict on the coordinator's settings, before any data is read."""
     try:
         cfg.validate()
     except UserError as exc:
         raise Declined("bad-request", str(exc)) from None
-    wants_dp = own.epsilon is not None or cfg.dp_epsilon is not None
-    if not wants_dp:
+    if own.epsilon is None and cfg.dp_epsilon is None:
         return
     delta = own.delta_for(num_examples)
     if cfg.dp_delta > delta:
         raise Declined(
             "dp-delta-refused", f"the coordinator asks for delta {cfg.dp_delta:g}, this agent allows at most {delta:g}"
         )
-    steps = privacy.planned_steps(cfg.rounds, cfg.local_steps, init_batches(strategy, cfg))
-    if steps > own.max_steps:
-        raise Declined("dp-steps-refused", f"the run plans {steps} DP steps, this agent allows at most {own.max_steps}")
+
+
+def check_task(cfg: RunConfig, facts: RunFacts, task: AgentTask) -> None:
+    """Whether the agent takes part in this run, decided from the coordinator's declared task
+    and label list against the agent's own declared ones, before any data is read: under
+    DP the agent's declared label set is all an accept or decline can tell."""
+    if cfg.task != task.task:
+        raise Declined("task-mismatch", f"the run's task is {cfg.task}, this agent's is {task.task}")
+    if task.task != "classify":
+        return
+    if not facts.labels:
+        raise Declined("no-labels", "the coordinator sent no label set")
+    if len(set(facts.labels)) != len(facts.labels):
+        raise Declined("bad-request", "the coordinator's label list names a label twice")
+    if not task.labels:
+        raise Declined(AGENT_ERROR, "this agent declares no label set")
+    missing = set(task.labels) - set(facts.labels)
+    if missing:
+        raise Declined("labels-mismatch", f"the coordinator's label list lacks {len(missing)} of this agent's labels")
+
+
+def steps_left(cfg: RunConfig, strategy: AdapterStrategy, round_num: int, is_init: bool) -> int:
+    """The DP steps the run plans from this message to its end (at least this message's)."""
+    if is_init:
+        return privacy.planned_steps(cfg.rounds, cfg.local_steps, init_batches(strategy, cfg))
+    return max(cfg.rounds - round_num + 1, 1) * cfg.local_steps
+
+
+def check_budget(cfg: RunConfig, own: AgentPrivacy, ledger: Ledger, steps: int) -> None:
+    """Before any data is read: the epsilon this data's budget is pinned to (the agent's own,
+    else the first DP request's) and the step cap over every step its ledger holds."""
+    if own.epsilon is None and cfg.dp_epsilon is None:
+        return
+    try:
+        pinned, spent = ledger.epsilon(), sum(h[2] for h in ledger.read())
+    except LedgerLost as exc:
+        raise Declined("ledger-lost", str(exc)) from None
+    if own.epsilon is None and pinned is not None and cfg.dp_epsilon > pinned:
+        raise Declined(
+            "dp-epsilon-refused",
+            f"the coordinator asks for epsilon {cfg.dp_epsilon:g}, this data is pinned to {pinned:g}",
+        )
+    if spent + steps > own.max_steps:
+        raise Declined(
+            "dp-steps-refused",
+            f"{spent} DP steps spent and {steps} more planned, this agent allows at most {own.max_steps}",
+        )
+    target = own.epsilon if own.epsilon is not None else pinned if pinned is not None else cfg.dp_epsilon
+    if target != pinned:
+        ledger.pin(target)
+
+
+def node_ledger(node: Mapping) -> Ledger:
+    """A deployed agent's ledger for its data, keyed by the digest of the rows it read at start."""
+    if not node.get("state-dir") or not node.get("data-digest"):
+        raise Declined(AGENT_ERROR, "this agent has no state folder or data digest in its node config")
+    return Ledger(Path(str(node["state-dir"])), str(node["data-digest"]))
+
+
+def check_agent_request(cfg: RunConfig, facts: RunFacts, strategy: AdapterStrategy, context: Context, record) -> None:
+    """Everything a deployed agent decides before it reads its data."""
+    node = context.node_config
+    own = AgentPrivacy.from_node(node)
+    check_request(cfg, own, int(node.get("num-examples", 0) or 0))
+    check_task(cfg, facts, AgentTask.from_node(node))
+    steps = steps_left(cfg, strategy, int(record["round"]), record.get("phase") == PHASE_INIT)
+    check_budget(cfg, own, node_ledger(node), steps)
+
+
+def agent_data(cfg: RunConfig, facts: RunFacts, node: Mapping) -> TextDataset | InstructionDataset:
+    """A deployed agent's own file, read with its own columns, its labels numbered as the
+    coordinator's list names them; the rows must still be those whose digest keys its ledger."""
+    data = AgentTask.from_node(node).load(str(node["data-path"]))
+    if node.get("data-digest") and rows_digest(data.rows()) != node["data-digest"]:
+        raise Declined(AGENT_ERROR, "the data file changed since this agent started: restart it")
+    if cfg.task == "causal-lm":
+        return data
+    try:
+        return align_labels(data, facts.labels)
+    except UserError as exc:  # the file holds a label the agent did not declare: its own fault, whatever was asked
+        raise Declined(AGENT_ERROR, str(exc)) from None
+
+
+def held_limit(cfg: RunConfig, strategy: AdapterStrategy, rank: int) -> int:
+    """The most numbers a deployed agent holds for a run: the frozen A and B of the adapted
+    layers at the rank it trains, and FLoRA's merge history at its bound on ranks per layer."""
+    ranks = (strategy.client_spec(rank).rank if strategy.frozen_roles else 0) + (
+        strategy.history_rank if isinstance(strategy, FLoRA) else 0
+    )
+    if ranks == 0:
+        return 0
+    shapes = target_shapes(cfg.model, cfg.task, cfg.pooling, tuple(cfg.target_modules))
+    return ranks * sum(d_out + d_in for d_out, d_in in shapes)
 
 
 def local_setup(cfg: RunConfig, facts: RunFacts, context: Context) -> LocalSetup:
@@ -195,31 +300,25 @@ def local_setup(cfg: RunConfig, facts: RunFacts, context: Context) -> LocalSetup
     client takes its partition of the run's data."""
     node = context.node_config
     if "data-path" in node:
-        if cfg.task == "causal-lm":
-            data = load_task_data(cfg, str(node["data-path"]))
-        elif not facts.labels:
-            raise Declined("no-labels", "the coordinator sent no label set")
-        else:
-            try:
-                data = align_labels(load_task_data(cfg, str(node["data-path"])), facts.labels)
-            except UserError as exc:  # decided here; the coordinator learns only that they differ
-                raise Declined("labels-mismatch", str(exc)) from None
+        data = agent_data(cfg, facts, node)
         own = AgentPrivacy.from_node(node)
-        state_dir = node.get("state-dir")
+        state_dir = Path(str(node["state-dir"])) if node.get("state-dir") else None
         digest = node.get("data-digest")
+        if state_dir is not None:
+            prune_runs(state_dir, context.run_id)
         return LocalSetup(
             data=data,
             index=int(context.node_id) % 1_000_003,
             rank=int(node.get("rank", 0)) or cfg.rank,
-            num_labels=len(facts.labels),
+            num_labels=len(facts.labels) if cfg.task == "classify" else 0,
             device=pick_device(str(node.get("device", "auto"))),
             dp_epsilon=own.epsilon if own.epsilon is not None else cfg.dp_epsilon,
             dp_delta=own.delta_for(len(data)),
             dp_clip=own.clip,
             dp_file=None,
             simulated=False,
-            ledger=Ledger(Path(str(state_dir)), str(digest)) if state_dir and digest else None,
-            held_file=held_path(Path(str(state_dir)), context.run_id) if state_dir else None,
+            ledger=Ledger(state_dir, str(digest)) if state_dir and digest else None,
+            held_file=held_path(state_dir, context.run_id) if state_dir else None,
             quantize=str(node.get("quantize", "none")),
         )
     splits = load_splits(cfg)
@@ -275,14 +374,10 @@ def read_request(msg: Message, context: Context, deployed: bool) -> Request:
     facts = RunFacts.from_json(str(record.get(FACTS, "{}")))
     strategy = build_strategy(cfg)
     if deployed:
-        check_request(
-            cfg,
-            AgentPrivacy.from_node(context.node_config),
-            int(context.node_config.get("num-examples", 0) or 0),
-            strategy,
-        )
+        check_agent_request(cfg, facts, strategy, context, record)
     setup = local_setup(cfg, facts, context)
-    state = merge_held(context, strategy, wire.decode(record["payload"]).tensors, setup.held_file)
+    limit = held_limit(cfg, strategy, setup.rank) if deployed else None
+    state = merge_held(context, strategy, wire.decode(record["payload"]).tensors, setup.held_file, limit)
     if HELD_DIGEST in record and held_digest(strategy, state) != record[HELD_DIGEST]:
         raise Declined(RESYNC, "this client lacks tensors the coordinator sent before")
     wire_dtype = str(record.get("wire_dtype", "fp32"))

@@ -27,6 +27,7 @@ from fedlora.config.setting import spoken
 from fedlora.deploy.processes import disarm_sigterm
 from fedlora.errors import UserError
 from fedlora.io.agent_state import DEFAULT_MAX_STEPS, AgentPrivacy
+from fedlora.io.agent_task import AgentTask, parse_labels
 from fedlora.quiet import be_verbose
 
 
@@ -75,13 +76,7 @@ def _add_coordinator(sub: Any) -> None:
     dep.add_argument(
         "--serve",
         action="store_true",
-        help="run no job of its own: serve runs submitted with `flwr run . <connection>` until stopped (needs --out)",
-    )
-    dep.add_argument(
-        "--control-port",
-        type=int,
-        default=9093,
-        help="--serve: the loopback port of the SuperLink's control API, where flwr run submits (default 9093)",
+        help="run no job of its own: serve runs submitted with OUT/.flower/bin/flwr run . until stopped (needs --out)",
     )
     _add_run_flags(co, COORDINATOR)
 
@@ -91,8 +86,23 @@ def _add_client(sub: Any) -> None:
     add = cl.add_argument
     add("--coordinator", required=True, help="the coordinator's HOST:PORT")
     add("--data", required=True, help="this client's JSONL, CSV, TSV or Parquet file; it never leaves the machine")
-    add("--text-column", default="text", help="text column in --data (default text)")
-    add("--label-column", default="label", help="label column in --data (default label)")
+    add("--text-column", default="text", help="text column in --data (default text); never the coordinator's choice")
+    add(
+        "--label-column", default="label", help="label column in --data (default label); never the coordinator's choice"
+    )
+    add(
+        "--prompt-column", default="", help="causal-lm: prompt column (default: first of instruction, prompt, question)"
+    )
+    add(
+        "--response-column",
+        default="",
+        help="causal-lm: response column (default: first of response, output, answer, completion)",
+    )
+    add(
+        "--labels",
+        help="classify: the label set this client declares, comma-separated; under DP it is what a coordinator can "
+        "learn (default: the labels in --data)",
+    )
     add(
         "--task",
         default="classify",
@@ -106,7 +116,11 @@ def _add_client(sub: Any) -> None:
         choices=QUANTIZE,
         help="hold the frozen base model as 4bit (NF4) or 8bit (LLM.int8) through bitsandbytes, for small GPUs; adapters stay fp32 (default none)",
     )
-    add("--dp-epsilon", type=float, help="this client's own privacy budget (default: the run's setting)")
+    add(
+        "--dp-epsilon",
+        type=float,
+        help="this client's own privacy budget (default: the first epsilon a run asks of this data, kept for it)",
+    )
     add(
         "--dp-delta",
         type=float,
@@ -117,7 +131,7 @@ def _add_client(sub: Any) -> None:
         "--dp-max-steps",
         type=int,
         default=DEFAULT_MAX_STEPS,
-        help=f"refuse runs that plan more DP steps than this (default {DEFAULT_MAX_STEPS})",
+        help=f"refuse runs that would take the DP steps spent on this data past this (default {DEFAULT_MAX_STEPS})",
     )
     add(
         "--dp-reset",
@@ -278,9 +292,6 @@ def _serve(args: argparse.Namespace, dep: Any) -> int:
 
     if not args.out:
         raise UserError("--serve needs --out: the folder for Flower's state and the runs' folders")
-    if not 0 < args.control_port < 65536:
-        raise UserError(f"--control-port must be a port number, got {args.control_port}")
-    dep.control_port = args.control_port
     cfg = run_config_from_args(args, COORDINATOR)  # --max-update-mb and --track hold for every run served
     check_strategy(cfg)
     check_tracker(cfg.track, cfg.track_uri)  # before serving: every run would fail on it
@@ -302,9 +313,14 @@ def _client(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         auth_key=args.auth_key,
         state_dir=args.state_dir,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        task=args.task,
+        task=AgentTask(
+            args.task,
+            args.text_column,
+            args.label_column,
+            args.prompt_column,
+            args.response_column,
+            parse_labels(args.labels),
+        ),
         max_wait_s=args.max_wait,
         dp_reset=args.dp_reset,
         quantize=args.quantize,

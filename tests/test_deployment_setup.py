@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedlora.cli import main
-from fedlora.client.handler import Declined, local_setup, pick_device
+from fedlora.client.handler import Declined, check_task, local_setup, pick_device
 from fedlora.config import RunConfig
 from fedlora.deploy.agent import check_agent, node_config
 from fedlora.deploy.certs import write_certificates
@@ -20,7 +20,8 @@ from fedlora.deploy.coordinator import check_deployment
 from fedlora.deploy.processes import parse_address
 from fedlora.errors import UserError
 from fedlora.flower.messages import RunFacts
-from fedlora.io.agent_state import AgentPrivacy
+from fedlora.io.agent_state import AgentPrivacy, rows_digest
+from fedlora.io.agent_task import AgentTask
 from fedlora.ml.data import TextDataset, align_labels
 from fedlora.ml.task import load_splits, write_partitions
 
@@ -100,10 +101,10 @@ def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
         root_cert=None,
         insecure=True,
         auth_key=None,
-        text_column="text",
-        label_column="label",
     )
-    check_agent(**ok)
+    task, count, digest = check_agent(**ok)
+    assert task == AgentTask(labels=("x",)) and count == 1  # without --labels it declares its file's
+    assert digest == rows_digest([("a", "x")])
     cases = [
         ({"insecure": False}, "--root-cert FILE .* or --insecure"),
         ({"insecure": False, "root_cert": str(tmp_path / "none.crt")}, "no such file"),
@@ -113,6 +114,11 @@ def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
         ({"device": "tpu"}, "unknown device"),
         ({"data": str(tmp_path / "missing.jsonl")}, "not found|no such|does not exist"),
         ({"coordinator": "nowhere"}, "HOST:PORT"),
+        ({"task": AgentTask(text_column="body")}, "column 'body' not in"),
+        ({"task": AgentTask(labels=("x", "x"))}, "--labels names a label twice"),
+        ({"task": AgentTask(labels=("y", "z"))}, "--labels lacks 1 label"),
+        ({"task": AgentTask(task="tabular")}, "unknown task"),
+        ({"task": AgentTask(task="causal-lm", labels=("x",))}, "--labels is for --task classify"),
     ]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "CUDA is not available"))
@@ -124,7 +130,10 @@ def test_agent_flags_and_data_are_checked_before_connecting(tmp_path):
 def test_node_config_survives_flowers_parser(tmp_path):
     data = tmp_path / "a folder" / 'x"y.jsonl'
     own = AgentPrivacy(epsilon=8.0, delta=1e-6, clip=0.5, max_steps=400)
-    parsed = parse_config_args([node_config(data, 4, "auto", own, tmp_path / "state.toml", 120, "ab" * 32)])
+    task = AgentTask(text_column="it's", labels=("it's", 'say "hi"', "a b=c", "ünï", "x\ny"))
+    parsed = parse_config_args([node_config(data, 4, "auto", own, tmp_path / "state.toml", 120, "ab" * 32, task=task)])
+    assert AgentTask.from_node(parsed) == task and AgentTask.from_node({}) == AgentTask()
+    del parsed["agent-task"]
     assert parsed == {
         "data-path": str(data),
         "state-dir": str(tmp_path / "state.toml"),
@@ -139,6 +148,7 @@ def test_node_config_survives_flowers_parser(tmp_path):
     }
     assert AgentPrivacy.from_node(parsed) == own
     plain = parse_config_args([node_config(data, None, "cpu", AgentPrivacy(), tmp_path)])
+    del plain["agent-task"]
     assert AgentPrivacy.from_node(plain) == AgentPrivacy() and "rank" not in plain and "dp-epsilon" not in plain
     with pytest.raises(UserError, match="cannot be passed"):
         node_config(tmp_path / "it's.jsonl", None, "cpu", AgentPrivacy(), tmp_path)
@@ -174,18 +184,16 @@ def test_a_deployed_client_reads_its_own_file(tmp_path):
         "device": "cpu",
         "dp-epsilon": 1.5,
         "state-dir": str(tmp_path / "s"),
-        "data-digest": "ab" * 32,
+        "data-digest": rows_digest([("the match", "sports"), ("shares rose", "business")]),
     }
     setup = local_setup(cfg, facts, Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={}))
     assert setup.data.texts == ["shares rose", "the match"] and setup.data.labels == [0, 2]
     assert (setup.rank, setup.num_labels, setup.dp_epsilon, setup.index) == (4, 3, 1.5, 77)
-    assert setup.ledger.path == tmp_path / "s" / "ledgers" / f"{'ab' * 32}.json" and not setup.simulated
+    assert setup.ledger.path == tmp_path / "s" / "ledgers" / f"{node['data-digest']}.json" and not setup.simulated
     assert setup.dp_delta == 1e-5 and setup.held_file == tmp_path / "s" / "runs" / "1" / "held.bin"
     assert setup.device == torch.device("cpu")
     with pytest.raises(Declined, match="no-labels"):
-        local_setup(
-            RunConfig(), RunFacts(), Context(run_id=1, node_id=77, node_config=node, state=RecordDict(), run_config={})
-        )
+        check_task(RunConfig(), RunFacts(), AgentTask(labels=("business", "sports")))
     assert pick_device("auto").type in ("cpu", "cuda")
 
 
@@ -196,15 +204,15 @@ def test_a_deployed_causal_lm_client_reads_prompt_response_pairs(tmp_path, capsy
     data.write_text('{"question": "What is 1 plus 2?", "answer": "#### 3"}\n')
     cfg = RunConfig()
     cfg.update({"task": "causal-lm"})
-    node = {"data-path": str(data), "device": "cpu"}
+    node = {"data-path": str(data), "device": "cpu", **parse_config_args([AgentTask("causal-lm").node_config()])}
     setup = local_setup(
         cfg, RunFacts(), Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     )
     assert setup.data.prompts == ["What is 1 plus 2?"] and setup.data.responses == ["#### 3"] and setup.num_labels == 0
-    check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, "text", "label", "causal-lm")
+    check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, AgentTask("causal-lm"))
     assert "1 prompt/response pairs" in capsys.readouterr().out
     with pytest.raises(UserError, match="column 'text' not in"):
-        check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, "text", "label", "classify")
+        check_agent("127.0.0.1:9092", str(data), None, "cpu", None, None, True, None, AgentTask())
 
 
 def test_cli_deployment_errors_are_one_line(capsys):
@@ -217,22 +225,28 @@ def test_cli_deployment_errors_are_one_line(capsys):
 
 
 class FakeFlowerCli:
-    """The SuperLink's key registry as ``flwr supernode register/unregister`` sees it."""
+    """The SuperLink's key registry as ``flwr supernode register/unregister/list`` sees it: a
+    key it has seen is never taken again, an unregistered node stays listed as such."""
 
     def __init__(self):
-        self.registered: dict[int, str] = {}
+        self.registered: dict[int, str] = {}  # live nodes
+        self.unregistered: dict[int, str] = {}
 
     def call(self, *args):
         if args[:2] == ("supernode", "register"):
             key = open(args[2]).read()
-            if key in self.registered.values():
+            if key in self.registered.values() or key in self.unregistered.values():
                 raise UserError("flwr supernode register: Public key already in use")
-            node = 100 + len(self.registered) * 7
+            node = 100 + (len(self.registered) + len(self.unregistered)) * 7
             self.registered[node] = key
             return {"success": True, "node-id": node}
         if args[:2] == ("supernode", "unregister"):
-            del self.registered[int(args[2])]
+            self.unregistered[int(args[2])] = self.registered.pop(int(args[2]))
             return {"success": True}
+        if args[:2] == ("supernode", "list"):
+            nodes = [{"node-id": str(n), "status": "online"} for n in self.registered]
+            nodes += [{"node-id": str(n), "status": "unregistered"} for n in self.unregistered]
+            return {"success": True, "nodes": nodes}
         raise AssertionError(args)
 
 
@@ -253,6 +267,25 @@ def test_registered_keys_follow_auth_keys_exactly_across_a_resume(tmp_path):
         sync_registered_keys(cli, keys[:2], registry)
 
 
+def test_every_node_the_superlink_knows_outside_auth_keys_is_unregistered(tmp_path):
+    """Keys registered outside this run's record (another tool, a record lost or edited) go
+    too: after a sync, the SuperLink lets in the nodes of --auth-keys and no others."""
+    from fedlora.deploy.coordinator import sync_registered_keys
+
+    write_certificates(tmp_path / "c", "localhost", clients=3)
+    keys = sorted((tmp_path / "c" / "coordinator" / "auth-keys").glob("*.pub"))
+    cli, registry = FakeFlowerCli(), tmp_path / "registered.json"
+    cli.call("supernode", "register", str(keys[2]))  # unknown to registered.json
+    sync_registered_keys(cli, keys[:2], registry)
+    assert sorted(cli.registered.values()) == sorted(k.read_text() for k in keys[:2])
+    assert list(cli.unregistered.values()) == [keys[2].read_text()]
+    stranger = next(n for n in cli.registered if cli.registered[n] == keys[1].read_text())
+    registry.write_text(json.dumps({k: v for k, v in json.loads(registry.read_text()).items() if v != stranger}))
+    with pytest.raises(UserError, match="never registers a key twice"):  # its record edited away: it goes
+        sync_registered_keys(cli, keys[:2], registry)
+    assert list(cli.registered.values()) == [keys[0].read_text()]
+
+
 def test_a_resume_may_not_weaken_tls_or_node_authentication(tmp_path):
     from fedlora.deploy.coordinator import Deployment, check_security_mode
 
@@ -264,3 +297,18 @@ def test_a_resume_may_not_weaken_tls_or_node_authentication(tmp_path):
         check_security_mode(tmp_path, Deployment("127.0.0.1:9092", None, []), resume=True)
     check_security_mode(tmp_path, secure, resume=True)
     check_security_mode(tmp_path, Deployment("127.0.0.1:9092", None, []), resume=False)  # a fresh run chooses afresh
+
+
+def test_a_resume_without_the_security_record_is_refused(tmp_path):
+    """A run folder whose deployment.json is gone cannot tell how the run was secured: even a
+    resume as strong as can be is refused, rather than letting a weaker one through."""
+    from fedlora.deploy.coordinator import SECURITY_RECORD, Deployment, check_security_mode
+
+    secure = Deployment("127.0.0.1:9092", tmp_path, [tmp_path / "k.pub"])
+    check_security_mode(tmp_path, secure, resume=False)
+    (tmp_path / SECURITY_RECORD).unlink()
+    for dep in (Deployment("127.0.0.1:9092", None, []), secure):
+        with pytest.raises(UserError, match=f"no {SECURITY_RECORD}") as refused:
+            check_security_mode(tmp_path, dep, resume=True)
+        assert "\n" not in str(refused.value)
+    assert not (tmp_path / SECURITY_RECORD).exists()  # nothing written for a refused resume

@@ -1,6 +1,7 @@
 """fedlora.deploy.guard: when the process that started it dies, even by SIGKILL, everything the
 guarded command started goes too."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from fedlora.deploy.processes import kill_tree, start
+from fedlora.deploy.processes import kill_tree, start, stop
 
 PARENT = """
 import subprocess, sys, time
@@ -181,3 +182,89 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_stop_waits_out_the_longest_stop_of_a_guard(monkeypatch):
+    """A guard may take its command's grace, then its leftovers', then a SIGKILL's wait: the
+    SIGKILL of the whole group (``stop``) comes only after all of them, not in their midst."""
+    from fedlora.deploy import guard, processes
+
+    sent, waits = [], []
+
+    class Guarded:
+        pid = 2**22 + 1  # no process: os.killpg is a stand-in below
+
+        def wait(self, timeout):
+            waits.append(timeout)
+            raise subprocess.TimeoutExpired("guard", timeout)
+
+    monkeypatch.setattr(processes.os, "killpg", lambda pid, sig: sent.append(sig))
+    processes.stop(Guarded())
+    assert sent == [signal.SIGTERM, signal.SIGKILL]
+    assert waits[0] > guard.GRACE_S + guard.LEFTOVER_GRACE_S + guard.KILL_WAIT_S
+
+
+QUICK_GUARD = """
+import sys
+from fedlora.deploy import guard
+guard.GRACE_S, guard.LEFTOVER_GRACE_S, guard.KILL_WAIT_S = 1.5, 1.0, 1.0
+sys.exit(guard.main(sys.argv[1:]))
+"""
+
+
+def test_a_stopped_guard_finishes_its_own_stop_of_a_command_that_ignores_sigterm(monkeypatch):
+    from fedlora.deploy import guard
+
+    monkeypatch.setattr(guard, "GRACE_S", 1.5)  # what stop() waits for: the guard's, as in QUICK_GUARD
+    monkeypatch.setattr(guard, "LEFTOVER_GRACE_S", 1.0)
+    monkeypatch.setattr(guard, "KILL_WAIT_S", 1.0)
+    command = ["sh", "-c", "trap '' TERM; echo started; sleep 300"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", QUICK_GUARD, *command], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        shell = psutil.Process(proc.pid).children()[0]
+        stop(proc)
+        assert proc.returncode == 128 + signal.SIGTERM  # its own exit, not our SIGKILL
+        assert not _running(shell.pid)
+    finally:
+        kill_group_quietly(proc.pid)
+
+
+SIGNALLED_AS_THE_COMMAND_STARTS = """
+import os, signal, subprocess, sys
+from fedlora.deploy import guard
+popen = subprocess.Popen
+def started_then_stopped(*args, **kwargs):
+    child = popen(*args, **kwargs)
+    print(child.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # a stop that lands before Popen has returned
+    return child
+subprocess.Popen = started_then_stopped
+sys.exit(guard.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_that_lands_as_the_command_starts_stops_the_command_too():
+    """The guard's handlers are armed before it starts the command: a stop in between used to
+    kill the guard alone (default handling) and leave its command running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED_AS_THE_COMMAND_STARTS, "sleep", "300"], stdout=subprocess.PIPE, text=True
+    )
+    command = int(proc.stdout.readline())
+    try:
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _running(command):
+            time.sleep(0.1)
+        assert not _running(command)
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(command, signal.SIGKILL)
+
+
+def kill_group_quietly(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -47,6 +47,36 @@ def test_any_other_bundle_is_refused(files, reason):
         check_bundle(b"PK\x03\x04 garbage")
 
 
+ESCAPING_VERSION = APP_PYPROJECT.replace('version = "1.0.0"', 'version = "1.0.0/../../../escaped"')
+
+
+def test_a_bundle_whose_names_leave_flowers_home_is_refused(tmp_path):
+    """Flower installs a bundle in $FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>, and
+    writes its pyproject.toml there: a version (or name, or publisher) with a path in it
+    takes that elsewhere. The check refuses it in one line, before anything is unpacked."""
+    from flwr.cli.install import validate_and_install
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(ESCAPING_VERSION)
+    home = tmp_path / "home" / "flwr"
+    installed = validate_and_install(project, "ab" * 32, None, home, skip_prompt=True)
+    assert (installed / "pyproject.toml").is_file() and not installed.resolve().is_relative_to(home)  # the hole
+    names = {
+        "version": ESCAPING_VERSION,
+        "name": APP_PYPROJECT.replace('name = "fedlora-run"', 'name = "../run"'),
+        "publisher": APP_PYPROJECT.replace('publisher = "fedlora"', 'publisher = "a/b"'),
+    }
+    for field, pyproject in names.items():
+        with pytest.raises(UntrustedBundle, match=f"its {field} .* is not a plain name") as refused:
+            check_bundle(bundle({"pyproject.toml": pyproject}))
+        assert "\n" not in str(refused.value)
+    with pytest.raises(UntrustedBundle, match="its version 1 is not a plain name"):
+        check_bundle(bundle({"pyproject.toml": APP_PYPROJECT.replace('version = "1.0.0"', "version = 1")}))
+    for version in ("0.1.0", "1.0.0+local.7", "1!2.0rc1.post3.dev4"):  # what versions look like pass
+        check_bundle(bundle({"pyproject.toml": APP_PYPROJECT.replace("1.0.0", version)}))
+
+
 def with_dependencies(*requirements: str) -> bytes:
     listed = ", ".join(f'"{r}"' for r in requirements)
     return bundle({"pyproject.toml": APP_PYPROJECT.replace("dependencies = []", f"dependencies = [{listed}]")})
@@ -99,6 +129,15 @@ def test_the_launcher_wraps_flowers_clientapp_entry_point(tmp_path):
     )
     assert proc.returncode == 0 and "--runtime-api-address" in proc.stdout
     assert launcher.read_text().startswith(f"#!{sys.executable}")
+
+
+def test_with_the_api_socket_both_launchers_reach_the_supernode_through_it(tmp_path):
+    sock = tmp_path / "api" / "supernode.sock"
+    folder = write_launcher(tmp_path / "bin", relay=True, api_socket=sock)
+    assert sorted(p.name for p in folder.iterdir()) == ["flower-superexec", "flwr-clientapp"]
+    assert all(p.stat().st_mode & 0o777 == 0o700 for p in folder.iterdir())
+    assert f"main(relay=True, api_socket={str(sock)!r})" in (folder / "flwr-clientapp").read_text()
+    assert f"superexec({str(sock)!r})" in (folder / "flower-superexec").read_text()
 
 
 def test_the_launchers_command_line_is_flowers_own(tmp_path):

@@ -21,8 +21,15 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-GRACE_S = 10.0
-LEFTOVER_GRACE_S = 3.0
+GRACE_S = 10.0  # the command's time to stop after our SIGTERM
+LEFTOVER_GRACE_S = 3.0  # what is left below us: time to stop by itself
+KILL_WAIT_S = 5.0  # then SIGKILL, and this long for it to land
+
+
+def stop_s() -> float:
+    """The longest a signalled guard takes to stop its tree: whoever stops a guard waits this
+    long (``processes.stop``) before it SIGKILLs the guard's group."""
+    return GRACE_S + LEFTOVER_GRACE_S + KILL_WAIT_S
 
 
 def _prctl(option: int, value: int) -> None:
@@ -45,7 +52,7 @@ def kill_leftovers() -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(alive, timeout=KILL_WAIT_S)
 
 
 def main(argv: list[str]) -> int:
@@ -53,24 +60,31 @@ def main(argv: list[str]) -> int:
         print("usage: python -m fedlora.deploy.guard CMD [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans below us stay ours to clean up
-    # the command starts with default handling, whatever we inherited: an ignored SIGTERM
-    # (a parent's) survives exec, and the command would sit out our stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    child = subprocess.Popen(argv)
+    child: subprocess.Popen | None = None
+    pending: list[int] = []  # a signal that came while the command was being started
 
     def on_signal(signum, frame) -> None:
+        if child is None:  # Popen is under way: the command is stopped as soon as it exists
+            pending.append(signum)
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop_command_then_leftovers(child.pid)
         os._exit(128 + signum)
 
+    # armed before the command starts: a stop that lands while it starts must not kill this
+    # guard alone (default handling) and leave the command running. The command itself starts
+    # with default handling all the same: exec resets a handled signal, where an ignored one
+    # (a parent's SIG_IGN, inherited) would survive it and the command would sit out our stop
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if os.getppid() != parent:  # the parent died before the death signal was armed
-        on_signal(signal.SIGTERM, None)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans below us stay ours to clean up
+    if os.getppid() != parent or pending:  # the parent died, or we were stopped, before anything started
+        return 128 + (pending[0] if pending else signal.SIGTERM)
+    child = subprocess.Popen(argv)
+    if pending:
+        on_signal(pending[0], None)
     code = child.wait()
     kill_leftovers()  # whatever the command left behind
     return code if code >= 0 else 128 - code

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from fedlora.deploy import guard
 from fedlora.errors import UserError
 
 FLOWER_APP_RUNTIMES = ("flwr-simulation", "flwr-serverapp")  # the processes a ServerApp runs in
@@ -54,8 +55,15 @@ def start(cmd: Sequence[str], env: dict[str, str], log_path: Path | None, cwd: P
         return subprocess.Popen(guarded, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the whole process group, then SIGKILL to what is left."""
+STOP_MARGIN_S = 2.0  # beyond the guard's own longest stop, before its group is killed
+
+
+def stop(proc: subprocess.Popen, grace_s: float | None = None) -> None:
+    """SIGTERM to the whole process group, then SIGKILL to what is left. ``grace_s`` (by
+    default a guard's longest stop, ``guard.stop_s()``, and a margin) lets a guard stop its
+    tree its own way, its command first, before anything in the group is killed."""
+    if grace_s is None:
+        grace_s = guard.stop_s() + STOP_MARGIN_S
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)

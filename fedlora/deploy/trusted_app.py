@@ -15,12 +15,22 @@ with ``relay=True``: once the bundle has passed the check, the ClientApp that ru
 ``fedlora.client.relay``, which hands the message to that trainer, in place of importing
 ``fedlora.client.handler`` (and torch) in every per-message process. Either way the code is
 the installed fedlora's, and only for a bundle that names ``fedlora.client.app:app``.
+
+The agent's SuperNode serves its runtime API (the ClientApp's link to it) on a Unix socket
+in the agent's state folder (``fedlora.deploy.supernode --api-socket``), not on a loopback
+TCP port every user of the machine could call. Its launchers then route Flower's HTTP client
+through that socket (``fedlora.deploy.local_api``, as on the coordinator), and the agent's
+``flower-superexec`` launcher hands each ClientApp its task token in a file readable by this
+user alone (removed once read), never on a command line, and acquires ClientApp tasks only:
+a run that asks for another kind of process (an AgentApp) gets none on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import re
 import sys
 import tomllib
 import zipfile
@@ -31,6 +41,9 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 TRUSTED_CLIENTAPP = "fedlora.client.app:app"
 FLOWER_METADATA = ".info/"  # the bundle's file hashes, written by Flower's own builder
+# Flower installs a bundle in $FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>: each of the
+# three must be a plain name, or the folder (and the pyproject.toml written there) lands elsewhere
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+!-]{0,99}")
 
 
 class UntrustedBundle(Exception):
@@ -49,14 +62,36 @@ def check_bundle(fab: bytes) -> None:
             project = tomllib.loads(archive.read("pyproject.toml").decode())
     except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise UntrustedBundle("it is not a readable Flower app bundle") from None
-    components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    check_names(project)
+    meta, app = _table(project, "project"), _table(project, "tool", "flwr", "app")
+    components = _table(app, "components")
     if components.get("clientapp") != TRUSTED_CLIENTAPP:
         raise UntrustedBundle(f"its ClientApp is {str(components.get('clientapp'))[:80]!r}, not {TRUSTED_CLIENTAPP!r}")
-    missing = unmet_dependencies(project.get("project", {}).get("dependencies") or [])
+    missing = unmet_dependencies(meta.get("dependencies") or [])
     if missing:
         raise UntrustedBundle(
             f"it asks for dependencies this machine lacks ({', '.join(missing[:3])}); an agent installs nothing"
         )
+
+
+def check_names(project: dict) -> None:
+    """The names Flower builds a bundle's install folder from (publisher, name, version, in its
+    ``pyproject.toml``) are plain names: no path in them takes the folder out of FLWR_HOME."""
+    meta, app = _table(project, "project"), _table(project, "tool", "flwr", "app")
+    for field, value in (
+        ("publisher", app.get("publisher")),
+        ("name", meta.get("name")),
+        ("version", meta.get("version")),
+    ):
+        if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value):
+            raise UntrustedBundle(f"its {field} {repr(value)[:80]} is not a plain name (letters, digits, . _ + ! -)")
+
+
+def _table(document: dict, *keys: str) -> dict:
+    """``document[k1][k2]...``, or {} where a key is missing or not a table."""
+    for key in keys:
+        document = document.get(key) if isinstance(document, dict) else None
+    return document if isinstance(document, dict) else {}
 
 
 def unmet_dependencies(requirements: object) -> list[str]:
@@ -79,22 +114,57 @@ def unmet_dependencies(requirements: object) -> list[str]:
     return unmet
 
 
-def write_launcher(folder: Path, relay: bool = False) -> Path:
+def write_launcher(folder: Path, relay: bool = False, api_socket: Path | None = None) -> Path:
     """The ``flwr-clientapp`` an agent's SuperNode finds first on its PATH; returns the folder.
-    ``relay``: run ``fedlora.client.relay`` (the agent runs a resident trainer)."""
+    ``relay``: run ``fedlora.client.relay`` (the agent runs a resident trainer).
+    ``api_socket``: the SuperNode's runtime API socket; then a ``flower-superexec`` launcher
+    too, and both reach the SuperNode through it, with task tokens in private files."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    launcher = folder / "flwr-clientapp"
-    launcher.write_text(f"#!{sys.executable}\nfrom fedlora.deploy.trusted_app import main\nmain(relay={relay!r})\n")
-    launcher.chmod(0o700)
+    folder.chmod(0o700)
+    launchers = {"flwr-clientapp": f"main(relay={relay!r})"}
+    if api_socket is not None:
+        launchers = {
+            "flwr-clientapp": f"main(relay={relay!r}, api_socket={str(api_socket)!r})",
+            "flower-superexec": f"superexec({str(api_socket)!r})",
+        }
+    for name, call in launchers.items():
+        launcher = folder / name
+        launcher.write_text(
+            f"#!{sys.executable}\nfrom fedlora.deploy.trusted_app import {call.split('(')[0]}\n{call}\n"
+        )
+        launcher.chmod(0o700)
     return folder
 
 
-def main(relay: bool = False) -> None:
+def superexec(api_socket: str) -> None:
+    """Flower's ``flower-superexec`` for an agent's SuperNode: it reaches the SuperNode through
+    ``api_socket``, hands each ClientApp its token in a file, and acquires ClientApp tasks only."""
+    from flwr.supercore.constant import TaskType  # lazy: as in main
+    from flwr.supercore.superexec.plugin import AutoExecPlugin  # lazy: as in main
+
+    from fedlora.deploy.local_api import TOKEN_DIR, pass_tokens_in_files, route_to_socket
+
+    route_to_socket(Path(api_socket))
+    pass_tokens_in_files(Path(api_socket).parent / TOKEN_DIR)
+    # Flower's plugin takes every kind of task, an AgentApp (the bundle's own code, run by
+    # Flower's flwr-agentapp) among them: next to the data, only the trusted ClientApp runs
+    AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
+    from flwr.supercore.cli.flower_superexec import flower_superexec  # lazy: as in main
+
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+def main(relay: bool = False, api_socket: str | None = None) -> None:
     """Flower's ``flwr-clientapp``, with the bundle checked before it is installed."""
     from flwr.supernode.runtime import (
         run_clientapp as runtime,  # lazy: the agent imports this module for write_launcher alone
     )
 
+    if api_socket is not None:
+        from fedlora.deploy.local_api import route_to_socket
+
+        route_to_socket(Path(api_socket))
     install = runtime.install_from_fab
     checked: list[bool] = []
 
@@ -131,9 +201,13 @@ def _flwr_clientapp(run_clientapp) -> None:
     )
     add_args_flwr_app_common(parser=parser)
     args = parser.parse_args()
+    token = try_obtain_flwr_app_token(args)
+    if args.token_file is not None:  # the SuperExec's private file, for this process alone
+        with contextlib.suppress(OSError):
+            Path(args.token_file).unlink()
     run_clientapp(
         runtime_api_address=args.runtime_api_address,
-        token=try_obtain_flwr_app_token(args),
+        token=token,
         insecure=args.insecure,
         certificates=validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
         parent_pid=args.parent_pid,

@@ -112,7 +112,7 @@ class LoRALinear(nn.Module):
         return out + self.scaling * self.lora_B(h)
 
 
-def _matches(module_name: str, targets: Iterable[str]) -> bool:
+def matches_target(module_name: str, targets: Iterable[str]) -> bool:
     """A target names a module by its last path parts: ``query`` or ``pooler.dense``."""
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
@@ -125,12 +125,12 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     as BERT's pooler under mean pooling) would otherwise silently train less.
     """
     linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    unmatched = [t for t in spec.target_modules if not any(_matches(name, (t,)) for name in linear_names)]
+    unmatched = [t for t in spec.target_modules if not any(matches_target(name, (t,)) for name in linear_names)]
     if unmatched:
         raise ValueError(f"target module(s) {unmatched} match no nn.Linear layer of the model")
     if not spec.target_modules:
         raise ValueError("no target modules: LoRA would train nothing but the head")
-    targets = [(name, model.get_submodule(name)) for name in linear_names if _matches(name, spec.target_modules)]
+    targets = [(name, model.get_submodule(name)) for name in linear_names if matches_target(name, spec.target_modules)]
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

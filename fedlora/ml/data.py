@@ -29,6 +29,10 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def rows(self) -> list[tuple[str, str]]:
+        """Each example as parsed: its text and its label's name."""
+        return [(text, self.label_names[label]) for text, label in zip(self.texts, self.labels)]
+
     def subset(self, indices: list[int] | np.ndarray) -> TextDataset:
         return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 

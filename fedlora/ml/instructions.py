@@ -36,6 +36,10 @@ class InstructionDataset:
         """One pseudo-label: splits and Dirichlet partitions then act on sizes only."""
         return [0] * len(self.prompts)
 
+    def rows(self) -> list[tuple[str, str]]:
+        """Each example as parsed: its prompt and its response."""
+        return list(zip(self.prompts, self.responses))
+
     def subset(self, indices) -> InstructionDataset:
         return InstructionDataset([self.prompts[i] for i in indices], [self.responses[i] for i in indices])
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedlora.config import RunConfig
 from fedlora.errors import UserError
-from fedlora.ml.adapters import LoRASpec, adapter_state, head_module, inject_lora, reshape_adapters
+from fedlora.ml.adapters import LoRASpec, adapter_state, head_module, inject_lora, matches_target, reshape_adapters
 from fedlora.ml.data import TextDataset, load_bbc_news, load_text_file, partition_indices, stratified_split
 from fedlora.ml.instructions import InstructionDataset, load_instruction_file
 from fedlora.ml.models import load_base_model, load_tokenizer, model_skeleton
@@ -137,6 +137,14 @@ def _injected_model(
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return net
+
+
+@functools.lru_cache(maxsize=4)
+def target_shapes(model: str | None, task: str, pooling: str, targets: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """(d_out, d_in) of every layer ``targets`` adapt, from the model's skeleton (no weights loaded)."""
+    net = model_skeleton(model, task, 2, pooling)
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear) and matches_target(name, targets)]
+    return tuple((net.get_submodule(n).out_features, net.get_submodule(n).in_features) for n in names)
 
 
 def check_target_modules(cfg: RunConfig, num_labels: int) -> None:
