@@ -50,7 +50,8 @@ class UntrustedBundle(Exception):
     """An app bundle this agent will not run; the message says why, in one line."""
 
 
-def check_bundle(fab: bytes) -> None:
+def bundle_project(fab: bytes) -> dict:
+    """The ``pyproject.toml`` of a bundle that carries nothing else, with safe names."""
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as archive:
             files = sorted(n for n in archive.namelist() if not n.startswith(FLOWER_METADATA))
@@ -63,6 +64,11 @@ def check_bundle(fab: bytes) -> None:
     except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise UntrustedBundle("it is not a readable Flower app bundle") from None
     check_names(project)
+    return project
+
+
+def check_bundle(fab: bytes) -> None:
+    project = bundle_project(fab)
     meta, app = _table(project, "project"), _table(project, "tool", "flwr", "app")
     components = _table(app, "components")
     if components.get("clientapp") != TRUSTED_CLIENTAPP:

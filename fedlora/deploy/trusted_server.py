@@ -15,12 +15,9 @@ dependency it lists. What ``fedlora coordinator`` and ``fedlora simulate`` submi
 
 from __future__ import annotations
 
-import io
 import sys
-import tomllib
-import zipfile
 
-from fedlora.deploy.trusted_app import FLOWER_METADATA, TRUSTED_CLIENTAPP, UntrustedBundle, unmet_dependencies
+from fedlora.deploy.trusted_app import TRUSTED_CLIENTAPP, UntrustedBundle, bundle_project, unmet_dependencies
 
 TRUSTED_SERVERAPP = "fedlora.server.app:app"
 SIMULATED_CLIENTAPPS = (TRUSTED_CLIENTAPP, "fedlora.flower.attacks:app")
@@ -29,17 +26,7 @@ REFUSED = "the coordinator runs only fedlora's own ServerApp: refused this app b
 
 def check_server_bundle(fab: bytes, simulation: bool = False) -> None:
     """Raise UntrustedBundle (one line) unless ``fab`` is a bundle of fedlora's own apps."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(fab)) as archive:
-            files = sorted(n for n in archive.namelist() if not n.startswith(FLOWER_METADATA))
-            if files != ["pyproject.toml"]:
-                extra = [n for n in files if n != "pyproject.toml"][:3]
-                raise UntrustedBundle(
-                    f"it carries code or files of its own ({', '.join(extra) or 'no pyproject.toml'})"
-                )
-            project = tomllib.loads(archive.read("pyproject.toml").decode())
-    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        raise UntrustedBundle("it is not a readable Flower app bundle") from None
+    project = bundle_project(fab)
     components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
     if not isinstance(components, dict):
         raise UntrustedBundle("it names no ServerApp")
