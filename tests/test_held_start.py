@@ -20,18 +20,18 @@ def test_the_serverapp_waits_until_the_checks_release_it(tmp_path):
     release = tmp_path / "inputs-checked"
     timer = threading.Timer(0.5, release.touch)
     timer.start()
-    wait_until_released(str(release), timeout_s=120)
+    wait_until_released(release, timeout_s=120)
     assert release.exists()
     timer.join()
 
 
 def test_a_run_never_released_fails_in_one_line(tmp_path):
     with pytest.raises(UserError, match="waited 0 s for its input checks"):
-        wait_until_released(str(tmp_path / "never"), timeout_s=0.2)
+        wait_until_released(tmp_path / "never", timeout_s=0.2)
 
 
 def test_a_run_without_a_hold_starts_at_once():
-    wait_until_released("", timeout_s=0)
+    wait_until_released(None, timeout_s=0)
 
 
 def test_the_apps_and_the_command_load_without_torch():
