@@ -81,6 +81,32 @@ def _add_coordinator(sub: Any) -> None:
     _add_run_flags(co, COORDINATOR)
 
 
+def _add_client_privacy(add: Any) -> None:
+    """The agent's own privacy settings: a coordinator asking for more is declined."""
+    add(
+        "--dp-epsilon",
+        type=float,
+        help="this client's own privacy budget (default: the first epsilon a run asks of this data, kept for it)",
+    )
+    add(
+        "--dp-delta",
+        type=float,
+        help="this client's own delta; a coordinator asking for a larger one is refused (default: min(1e-5, 1/examples))",
+    )
+    add("--dp-clip", type=float, default=1.0, help="this client's own per-sample clipping norm (default 1.0)")
+    add(
+        "--dp-max-steps",
+        type=int,
+        default=DEFAULT_MAX_STEPS,
+        help=f"refuse runs that would take the DP steps spent on this data past this (default {DEFAULT_MAX_STEPS})",
+    )
+    add(
+        "--dp-reset",
+        action="store_true",
+        help="forget the privacy budget this data file has spent on this machine, and start afresh",
+    )
+
+
 def _add_client(sub: Any) -> None:
     cl = sub.add_parser("client", help="run a client agent (Flower SuperNode) that trains on a local file")
     add = cl.add_argument
@@ -108,6 +134,7 @@ def _add_client(sub: Any) -> None:
         default="classify",
         help="what --data holds: labelled text (classify) or prompt/response pairs (causal-lm)",
     )
+    _add_client_privacy(cl.add_argument)
     add("--rank", type=int, help="FLoRA: this client's LoRA rank (default: the run's)")
     add("--device", default="auto", help="auto, cuda or cpu (default auto: CUDA when present)")
     add(
@@ -115,28 +142,6 @@ def _add_client(sub: Any) -> None:
         default="none",
         choices=QUANTIZE,
         help="hold the frozen base model as 4bit (NF4) or 8bit (LLM.int8) through bitsandbytes, for small GPUs; adapters stay fp32 (default none)",
-    )
-    add(
-        "--dp-epsilon",
-        type=float,
-        help="this client's own privacy budget (default: the first epsilon a run asks of this data, kept for it)",
-    )
-    add(
-        "--dp-delta",
-        type=float,
-        help="this client's own delta; a coordinator asking for a larger one is refused (default: min(1e-5, 1/examples))",
-    )
-    add("--dp-clip", type=float, default=1.0, help="this client's own per-sample clipping norm (default 1.0)")
-    add(
-        "--dp-max-steps",
-        type=int,
-        default=DEFAULT_MAX_STEPS,
-        help=f"refuse runs that would take the DP steps spent on this data past this (default {DEFAULT_MAX_STEPS})",
-    )
-    add(
-        "--dp-reset",
-        action="store_true",
-        help="forget the privacy budget this data file has spent on this machine, and start afresh",
     )
     add("--root-cert", help="the CA certificate that signed the coordinator's (ca.crt)")
     add("--insecure", action="store_true", help="no TLS")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fedlora.config import RunConfig
-from fedlora.io.wire import DEFAULT_MAX_BYTES, WIRE_DTYPES
+from fedlora.config.choices import MAX_PAYLOAD_BYTES, WIRE_DTYPE_BYTES
 from fedlora.ml.adapters import ROLE_A, ROLE_B, ROLE_HEAD, LoRASpec, module_of, reset_adapters, role_of
 from fedlora.strategies.base import (
     MERGED,
@@ -117,13 +117,13 @@ class FLoRA(AdapterStrategy, PerClientRank):
         self.max_rank = max(max_rank, spec.rank)
         self.history_rank = max(MIN_HISTORY, history_rank)
         self.download_bytes = download_bytes  # None: no cap, history_rank alone bounds the history
-        self.wire_bytes = WIRE_DTYPES[wire_dtype].itemsize
+        self.wire_bytes = WIRE_DTYPE_BYTES[wire_dtype]
         self.history_bound = self.history_rank  # narrowed by setup, once the module shapes are known
 
     @classmethod
     def from_config(cls, spec: LoRASpec, cfg: RunConfig) -> FLoRA:
         # a download within one update's limit: the SuperLink's cap is twice that, and clients decode at most 256 MiB
-        download = min(cfg.max_update_mb * MIB, DEFAULT_MAX_BYTES)
+        download = min(cfg.max_update_mb * MIB, MAX_PAYLOAD_BYTES)
         return cls(spec, download_bytes=download, wire_dtype=cfg.wire_dtype)
 
     def client_spec(self, rank: int | None = None) -> LoRASpec:

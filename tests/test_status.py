@@ -24,7 +24,7 @@ def _status(capsys, path) -> tuple[int, str, str]:
 def mid_run(tracked_run, tmp_path):
     """The real run's folder as it stood after round 2 of 5: no summary, adapter or report yet."""
     run = tmp_path / "run"
-    shutil.copytree(tracked_run, run, ignore=shutil.ignore_patterns("tensorboard", "adapter"))
+    shutil.copytree(tracked_run, run, ignore=shutil.ignore_patterns("tensorboard", "adapter", "*.sock"))
     for name in ("summary.json", "report.png"):
         (run / name).unlink()
     config = json.loads((run / "config.json").read_text())

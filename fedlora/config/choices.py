@@ -10,6 +10,9 @@ PARTITIONS = ("iid", "dirichlet")
 # auto: what the model's sentence-transformers metadata declares, else its pooled output
 POOLINGS = ("auto", "pooler", "mean")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
+WIRE_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# the largest payload a decoder reads unless told otherwise (fedlora.io.wire)
+MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 ROBUST_MODES = ("clip", "reject")
 # how the kept updates combine: the strategy's weighted mean, or coordinate-wise robust statistics
 # (linear strategies only: what clients send must combine entry by entry)

@@ -166,7 +166,7 @@ def route_to_socket(path: Path) -> None:
 def pass_tokens_in_files(folder: Path) -> None:
     """SuperExec starts each app process with ``--token T`` on its command line; give it
     ``--token-file F`` instead, F readable by this user alone (the app's launcher removes it)."""
-    import subprocess
+    import subprocess  # lazy: patched into this launcher's process only
 
     executor = importlib.import_module("flwr.supercore.superexec.executor.subprocess_executor")
     private_folder(folder)
@@ -222,7 +222,7 @@ def main(name: str, sock: str, flower_home: str, simulation: bool = False) -> No
     elif name == "flower-superexec":
         pass_tokens_in_files(Path(sock).parent / TOKEN_DIR)
     else:
-        from fedlora.deploy.trusted_server import refuse_untrusted_bundles
+        from fedlora.deploy.trusted_server import refuse_untrusted_bundles  # lazy: ServerApp launchers only
 
         runtime = "flwr.superlink.runtime.run_serverapp" if name == "flwr-serverapp" else module_name
         refuse_untrusted_bundles(importlib.import_module(runtime), simulation)

@@ -102,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     internal.time = ShortSleeps(poll_s)
     cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
     if api_socket is not None:
-        from fedlora.deploy.local_api import NOMINAL_PORT, ApiSocketError, bind_private_socket
+        from fedlora.deploy.local_api import (
+            NOMINAL_PORT,
+            ApiSocketError,
+            bind_private_socket,
+        )  # lazy: --api-socket only
 
         try:
             sock = bind_private_socket(api_socket)

@@ -148,7 +148,7 @@ def superexec(api_socket: str) -> None:
     from flwr.supercore.constant import TaskType  # lazy: as in main
     from flwr.supercore.superexec.plugin import AutoExecPlugin  # lazy: as in main
 
-    from fedlora.deploy.local_api import TOKEN_DIR, pass_tokens_in_files, route_to_socket
+    from fedlora.deploy.local_api import TOKEN_DIR, pass_tokens_in_files, route_to_socket  # lazy: as in main
 
     route_to_socket(Path(api_socket))
     pass_tokens_in_files(Path(api_socket).parent / TOKEN_DIR)
@@ -168,7 +168,7 @@ def main(relay: bool = False, api_socket: str | None = None) -> None:
     )
 
     if api_socket is not None:
-        from fedlora.deploy.local_api import route_to_socket
+        from fedlora.deploy.local_api import route_to_socket  # lazy: with an API socket only
 
         route_to_socket(Path(api_socket))
     install = runtime.install_from_fab

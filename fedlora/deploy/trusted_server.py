@@ -62,7 +62,7 @@ def refuse_at_submission(control_handlers, simulation: bool) -> None:
     """The SuperLink's Control API refuses an untrusted bundle when it is submitted, before
     it is stored: ``flwr run`` fails with one line. Flower reads every bundle a run starts
     from (sent, stored or fetched) through ``get_fab_config`` in ``control_handlers``."""
-    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from flwr.supercore.error import ApiErrorCode, FlowerError  # lazy: inside the SuperLink process only
 
     read_config = control_handlers.get_fab_config
 

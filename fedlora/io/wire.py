@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedlora.config.choices import MAX_PAYLOAD_BYTES
 from fedlora.io.schema import update_pb2 as pb
 from fedlora.ml.adapters import role_of
 
 SCHEMA_VERSION = 1
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BYTES = MAX_PAYLOAD_BYTES
 MAX_TENSORS = 100_000  # a large decoder's adapters are a few thousand tensors
 MAX_DIMS = 8
 MAX_DIM = 1 << 24  # per dimension; far above any vocabulary or hidden size
