@@ -198,6 +198,7 @@ def serving(tmp_path_factory):
         coordinator = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_socket(served / ".flower" / SOCKET_NAME, coordinator, 300, "the serving coordinator")  # a busy machine
+        wait_for_port("127.0.0.1", fleet, coordinator, 300, "the serving coordinator's Fleet API")  # binds later
         yield SimpleNamespace(
             proc=coordinator, tmp=tmp, served=served, fleet=fleet, flwr=served / ".flower" / "bin" / "flwr"
         )
