@@ -81,6 +81,18 @@ def _add_coordinator(sub: Any) -> None:
     _add_run_flags(co, COORDINATOR)
 
 
+def _add_causal_columns(add: Any) -> None:
+    """The prompt and response columns of a causal-lm file (agent and partition alike)."""
+    add(
+        "--prompt-column", default="", help="causal-lm: prompt column (default: first of instruction, prompt, question)"
+    )
+    add(
+        "--response-column",
+        default="",
+        help="causal-lm: response column (default: first of response, output, answer, completion)",
+    )
+
+
 def _add_client_privacy(add: Any) -> None:
     """The agent's own privacy settings: a coordinator asking for more is declined."""
     add(
@@ -116,14 +128,7 @@ def _add_client(sub: Any) -> None:
     add(
         "--label-column", default="label", help="label column in --data (default label); never the coordinator's choice"
     )
-    add(
-        "--prompt-column", default="", help="causal-lm: prompt column (default: first of instruction, prompt, question)"
-    )
-    add(
-        "--response-column",
-        default="",
-        help="causal-lm: response column (default: first of response, output, answer, completion)",
-    )
+    _add_causal_columns(add)
     add(
         "--labels",
         help="classify: the label set this client declares, comma-separated; under DP it is what a coordinator can "
@@ -178,14 +183,7 @@ def _add_partition(sub: Any) -> None:
     add("--text-column", default="text", help="text column in --data (default text)")
     add("--label-column", default="label", help="label column in --data (default label)")
     add("--task", default="classify", help="classify, or causal-lm for prompt/response files")
-    add(
-        "--prompt-column", default="", help="causal-lm: prompt column (default: first of instruction, prompt, question)"
-    )
-    add(
-        "--response-column",
-        default="",
-        help="causal-lm: response column (default: first of response, output, answer, completion)",
-    )
+    _add_causal_columns(add)
     add("--partition", default="dirichlet", help="iid or dirichlet (default dirichlet)")
     add("--alpha", type=float, default=1.0, help="Dirichlet concentration (default 1)")
     add("--seed", type=int, default=0, help="random seed (default 0)")
